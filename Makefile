@@ -1,0 +1,40 @@
+# Two commands for a fresh machine with Python 3.11+: `make run` (the service) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: install run publish replay test lint typecheck pytest clean
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+run: install  ## the service on http://localhost:8080 (embedded PostgreSQL and NATS by default)
+	$(BIN)/faust -A streams.app worker -l info
+
+publish: install  ## N=10 orders into the running service's NATS
+	$(BIN)/python -m publisher --count $(or $(N),10)
+
+replay: install  ## rebuild the view from orders_events and report the rate
+	$(BIN)/faust -A streams.app replay
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/pytest
+
+test: lint typecheck pytest  ## everything CI runs
+
+clean:
+	rm -rf $(VENV) .data .mypy_cache .ruff_cache .pytest_cache *.egg-info

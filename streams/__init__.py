@@ -1,0 +1,1 @@
+"""The Faust app, its configuration, the order validation, the event store and the agent."""

@@ -1,0 +1,172 @@
+"""What the agent does with a batch: validate, commit, project into the view, then settle."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Final
+
+from streams.envelope import Envelope, Outcome
+from streams.store import BatchResult, DeadLetter, EventStore, RefusedByDatabase, StoreUnavailable
+from streams.validation import Accepted, validate
+from views.view import OrdersView
+
+log = logging.getLogger(__name__)
+
+_FIRST_RETRY_S: Final = 0.1
+_LAST_RETRY_S: Final = 5.0
+_SUMMARY_EVERY_S: Final = 5.0
+
+_Order = tuple[Envelope, Accepted]
+_Reject = tuple[Envelope, DeadLetter]
+
+
+class BatchProcessor:
+    """Turns a batch of envelopes into committed events and dead letters.
+
+    The order of work is the service's promise: commit first, then project into the view,
+    then settle the envelopes so that the bridge may ack. A database that is away is retried
+    with backoff for as long as it takes; the batch is never acked meanwhile.
+    """
+
+    def __init__(self, store: EventStore, view: OrdersView, *, log_uids_max: int = 10) -> None:
+        self.store = store
+        self.view = view
+        self._activity = _ActivityLog(log_uids_max)
+
+    async def process(self, batch: Sequence[Envelope]) -> None:
+        """Commit, project and settle one batch; never raises but for cancellation."""
+        started = time.perf_counter()
+        orders: list[_Order] = []
+        rejects: list[_Reject] = []
+        for envelope in batch:
+            verdict = validate(envelope.raw)
+            if isinstance(verdict, Accepted):
+                orders.append((envelope, verdict))
+            else:
+                rejects.append(
+                    (envelope, DeadLetter(envelope.raw, verdict.reason, envelope.source))
+                )
+        outcomes: dict[int, Outcome] = {}
+        try:
+            results = await self._commit(orders, rejects, outcomes)
+        except Exception:
+            # A bug, not the data and not the database: keep the stream moving and redeliver.
+            log.exception("batch of %d messages failed; they will be redelivered", len(batch))
+            for envelope in batch:
+                envelope.settle(Outcome.FAILED)
+            return
+        for result in results:
+            self.view.project(result.stored)
+        stored_uids = {event.order_uid for result in results for event in result.stored}
+        for envelope, order in orders:
+            if id(envelope) in outcomes:
+                continue
+            if order.order_uid in stored_uids:
+                stored_uids.discard(order.order_uid)
+                outcomes[id(envelope)] = Outcome.STORED
+            else:
+                outcomes[id(envelope)] = Outcome.DUPLICATE
+        for envelope in batch:
+            envelope.settle(outcomes.get(id(envelope), Outcome.REJECTED))
+        self._activity.batch(results, time.perf_counter() - started)
+
+    async def _commit(
+        self, orders: list[_Order], rejects: list[_Reject], outcomes: dict[int, Outcome]
+    ) -> list[BatchResult]:
+        try:
+            return [await self._write_retrying(orders, rejects)]
+        except RefusedByDatabase as refusal:
+            if len(orders) > 1:
+                # One payload the database will not take must not hold up the others: write
+                # them one by one so that only the culprit is dead-lettered.
+                results = [await self._write_retrying([], rejects)] if rejects else []
+                for single in orders:
+                    results.extend(await self._commit([single], [], outcomes))
+                return results
+            if len(orders) == 1:
+                envelope, order = orders[0]
+                outcomes[id(envelope)] = Outcome.REJECTED
+                refused = DeadLetter(
+                    order.payload, f"refused by PostgreSQL: {refusal}", envelope.source
+                )
+                return await self._commit([], [*rejects, (envelope, refused)], outcomes)
+            raise
+
+    async def _write_retrying(self, orders: list[_Order], rejects: list[_Reject]) -> BatchResult:
+        delay = _FIRST_RETRY_S
+        attempt = 0
+        while True:
+            try:
+                result = await self.store.write_batch(
+                    [order for _, order in orders], [reject for _, reject in rejects]
+                )
+            except StoreUnavailable as exc:
+                attempt += 1
+                if attempt == 1 or delay >= _LAST_RETRY_S:
+                    log.warning(
+                        "database unavailable, batch of %d kept unacknowledged, "
+                        "retry %d in %.1f s: %s",
+                        len(orders) + len(rejects),
+                        attempt,
+                        delay,
+                        exc,
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _LAST_RETRY_S)
+                continue
+            if attempt:
+                log.info("database back after %d retries; batch committed", attempt)
+            return result
+
+
+class _ActivityLog:
+    """One log line per small batch naming its orders; a periodic summary at high rate."""
+
+    def __init__(self, uids_max: int) -> None:
+        self._uids_max = uids_max
+        self._pending = [0, 0, 0, 0, 0]  # batches, stored, duplicates, conflicts, rejected
+        self._since = time.monotonic()
+        self._last_reason = ""
+
+    def batch(self, results: list[BatchResult], seconds: float) -> None:
+        stored = [event.order_uid for result in results for event in result.stored]
+        duplicates = sum(len(result.duplicates) for result in results)
+        conflicts = [uid for result in results for uid in result.conflicts]
+        rejected = [letter for result in results for letter in result.dead_lettered]
+        if conflicts:
+            log.warning(
+                "%d duplicate(s) with a payload different from the stored one, first kept: %s",
+                len(conflicts),
+                ", ".join(conflicts[:10]),
+            )
+        if len(stored) + duplicates + len(rejected) <= self._uids_max:
+            log.info(
+                "batch committed in %.1f ms: stored %s; %d duplicate(s), %d dead-lettered",
+                seconds * 1000,
+                ", ".join(stored) or "none",
+                duplicates,
+                len(rejected),
+            )
+            for letter in rejected:
+                log.warning("dead-lettered %s: %s", letter.source or "a message", letter.reason)
+            return
+        pending = self._pending
+        if rejected:
+            self._last_reason = rejected[-1].reason
+        for index, count in enumerate((1, len(stored), duplicates, len(conflicts), len(rejected))):
+            pending[index] += count
+        now = time.monotonic()
+        if now - self._since >= _SUMMARY_EVERY_S:
+            log.info(
+                "%d batches in the last %.0f s: stored %d, duplicates %d (%d conflicting), "
+                "dead-lettered %d%s",
+                *pending[:1],
+                now - self._since,
+                *pending[1:],
+                f" (last reason: {self._last_reason})" if pending[4] else "",
+            )
+            self._pending = [0, 0, 0, 0, 0]
+            self._since = now

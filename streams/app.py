@@ -1,0 +1,96 @@
+"""The Kafka-free Faust app: ``faust -A streams.app worker`` is the service.
+
+Nothing here talks to Kafka. The boot strategy turns off Kafka's consumer, producer, conductor
+and tables; orders reach the agent through an in-memory channel fed by the NATS bridge.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterable
+
+import faust
+from faust.app.base import BootStrategy
+from mode import ServiceT
+
+from bridge.consumer import NatsBridge
+from streams.commands import install_commands
+from streams.config import ConfigError, Settings
+from streams.envelope import Envelope
+from streams.runtime import Runtime
+from views.view import OrdersView
+from views.web import install_routes
+
+log = logging.getLogger(__name__)
+
+
+class KafkaFreeBoot(BootStrategy):
+    """Start the web server, sensors and agents; never a Kafka client or table."""
+
+    enable_kafka = False
+    enable_kafka_consumer = False
+    enable_kafka_producer = False
+
+
+class OrdersApp(faust.App):
+    """The orders service: channel, agent, view, web views and the runtime that wires them."""
+
+    BootStrategy = KafkaFreeBoot
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(
+            "orders",
+            web_host=settings.web_host,
+            web_bind=settings.web_host,
+            web_port=settings.web_port,
+            datadir=str(settings.data_dir / "faust"),
+            web_cors_options=None,
+        )
+        self.settings = settings
+        self.view = OrdersView()
+        self.orders_channel: faust.ChannelT[Envelope] = self.channel()
+        self.runtime = Runtime(settings, self.view, self.flow_control.resume)
+
+    async def on_first_start(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        await super().on_first_start()
+
+    def on_init_dependencies(self) -> Iterable[ServiceT]:
+        # The runtime goes last so it starts after the web server and the agent and stops first.
+        return [*super().on_init_dependencies(), self.runtime]
+
+    async def submit(self, envelope: Envelope) -> None:
+        """Hand one message to the agent (the bridge's and the tests' way in)."""
+        await self.orders_channel.send(value=envelope)
+
+
+def create_app(settings: Settings) -> OrdersApp:
+    """Build the app with its agent, web views and commands."""
+    app = OrdersApp(settings)
+    within = settings.batch_max_wait_ms / 1000
+
+    @app.agent(app.orders_channel, name="orders-ingest")
+    async def ingest(stream: faust.StreamT[Envelope]) -> None:
+        # Messages only arrive once the runtime has restored the view and started the bridge.
+        async for batch in stream.take(settings.batch_size, within=within):
+            processor = app.runtime.processor
+            assert processor is not None, "the inflow starts only after the processor exists"
+            await processor.process(batch)
+
+    bridge = NatsBridge(settings, app.submit)
+    app.runtime.add_inflow(bridge.start, bridge.stop)
+    install_routes(app, app.view, app.runtime.restored.is_set)
+    install_commands(app)
+    return app
+
+
+def _app_from_environment() -> OrdersApp:
+    try:
+        return create_app(Settings.from_env())
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+app = _app_from_environment()

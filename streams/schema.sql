@@ -1,0 +1,1 @@
+../init-db/01-schema.sql

@@ -1,0 +1,276 @@
+"""The event store: the orders event log and the dead letters in PostgreSQL, through aiopg.
+
+aiopg has no executemany, COPY or server-side cursors, so every batch is one statement over
+arrays (``unnest``), and replay reads keyset pages (``seq > last ORDER BY seq LIMIT n``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+from collections.abc import Sequence
+from typing import Final, Protocol
+
+import aiopg
+import psycopg2
+
+from streams.validation import Accepted
+
+EVENT_TYPE: Final = "OrderPlaced"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
+    """One entry of the log: its place in the replay order, its order_uid and the order as JSON."""
+
+    seq: int
+    order_uid: str
+    payload: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A refused message as received, why it was refused, and where it came from if known."""
+
+    raw: bytes
+    reason: str
+    source: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What one committed batch did: new events in seq order, the uids that were not new, and
+    the messages dead-lettered."""
+
+    stored: list[Event]
+    duplicates: list[str]
+    conflicts: list[str]
+    dead_lettered: list[DeadLetter]
+
+
+class StoreUnavailable(Exception):
+    """The database could not be reached or lost the connection: the batch may be retried."""
+
+
+class RefusedByDatabase(Exception):
+    """The database refused the data itself: retrying the same batch would fail again."""
+
+
+class EventStore(Protocol):
+    """What the agent, the view and the replay command need from a store."""
+
+    async def write_batch(
+        self, orders: Sequence[Accepted], rejects: Sequence[DeadLetter]
+    ) -> BatchResult: ...
+
+    async def read_events(self, after: int, limit: int) -> list[Event]: ...
+
+
+# EXCLUSIVE mode lets readers in but serialises writers until commit. Without it two
+# transactions could take seq 7 and 8, 8 could commit first, and a reader tailing the log
+# (seq > last) could pass 7 before it becomes visible and never see it.
+_APPEND: Final = """
+LOCK TABLE orders_events IN EXCLUSIVE MODE;
+INSERT INTO orders_events (order_uid, event_type, payload)
+SELECT uid, %s, payload::jsonb
+  FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS batch(uid, payload, position)
+ ORDER BY position
+    ON CONFLICT (order_uid) DO NOTHING
+RETURNING seq, order_uid
+"""
+
+_CONFLICTS: Final = """
+SELECT DISTINCT e.order_uid
+  FROM unnest(%s::text[], %s::text[]) AS dup(uid, payload)
+  JOIN orders_events e ON e.order_uid = dup.uid
+ WHERE e.payload <> dup.payload::jsonb
+"""
+
+_DEAD_LETTER: Final = """
+INSERT INTO orders_dead_letters (raw, reason, source)
+SELECT raw, reason, source
+  FROM unnest(%s::bytea[], %s::text[], %s::text[]) AS letter(raw, reason, source)
+    ON CONFLICT (source) DO NOTHING
+"""
+
+_READ: Final = """
+SELECT seq, order_uid, payload::text FROM orders_events WHERE seq > %s ORDER BY seq LIMIT %s
+"""
+
+_SCHEMA_LOCK_KEY: Final = 0x0DE25  # any constant shared by every worker applying the schema
+
+
+def schema_sql() -> str:
+    """The schema the service applies at start (the same file as ``init-db/01-schema.sql``)."""
+    return importlib.resources.files("streams").joinpath("schema.sql").read_text("utf-8")
+
+
+class PostgresEventStore:
+    """The event store on PostgreSQL: per batch, one transaction and one statement per table."""
+
+    def __init__(self, pool: aiopg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, dsn: str, *, maxsize: int = 4, timeout: float = 10.0) -> PostgresEventStore:
+        """Connect, apply the schema, and return the store. Raises StoreUnavailable."""
+        try:
+            pool = await aiopg.create_pool(
+                dsn,
+                minsize=1,
+                maxsize=maxsize,
+                timeout=timeout,
+                enable_json=False,
+                enable_hstore=False,
+                enable_uuid=False,
+            )
+        except (psycopg2.Error, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
+        store = cls(pool)
+        try:
+            await store.apply_schema()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        """Close every connection of the pool."""
+        self._pool.close()
+        await self._pool.wait_closed()
+
+    async def apply_schema(self) -> None:
+        """Create the tables if missing; safe when several workers start at once."""
+        sql = schema_sql()
+        async with self._transaction() as cur:
+            await cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+            await cur.execute(sql)
+
+    async def write_batch(
+        self, orders: Sequence[Accepted], rejects: Sequence[DeadLetter]
+    ) -> BatchResult:
+        """Append the orders and dead-letter the rejects in one transaction.
+
+        An order_uid already in the log (or earlier in the batch) is a duplicate: the first
+        write wins. A duplicate whose payload differs from the stored one is also a conflict.
+        """
+        stored: list[Event] = []
+        duplicates: list[Accepted] = []
+        conflicts: list[str] = []
+        async with self._transaction() as cur:
+            if orders:
+                uids = [order.order_uid for order in orders]
+                texts = [order.payload.decode() for order in orders]
+                await cur.execute(_APPEND, (EVENT_TYPE, uids, texts))
+                new_seqs: dict[str, int] = {uid: seq for seq, uid in await cur.fetchall()}
+                for order in orders:
+                    seq = new_seqs.pop(order.order_uid, None)
+                    if seq is None:
+                        duplicates.append(order)
+                    else:
+                        stored.append(Event(seq, order.order_uid, order.payload))
+                stored.sort(key=_by_seq)
+            if duplicates:
+                await cur.execute(
+                    _CONFLICTS,
+                    (
+                        [order.order_uid for order in duplicates],
+                        [order.payload.decode() for order in duplicates],
+                    ),
+                )
+                conflicts = [uid for (uid,) in await cur.fetchall()]
+            if rejects:
+                await cur.execute(
+                    _DEAD_LETTER,
+                    (
+                        [psycopg2.Binary(reject.raw) for reject in rejects],
+                        [reject.reason for reject in rejects],
+                        [reject.source for reject in rejects],
+                    ),
+                )
+        return BatchResult(
+            stored=stored,
+            duplicates=[order.order_uid for order in duplicates],
+            conflicts=conflicts,
+            dead_lettered=list(rejects),
+        )
+
+    async def read_events(self, after: int, limit: int) -> list[Event]:
+        """Up to ``limit`` events with ``seq > after``, in seq order (one keyset page)."""
+        async with self._cursor() as cur:
+            await cur.execute(_READ, (after, limit))
+            return [Event(seq, uid, text.encode()) for seq, uid, text in await cur.fetchall()]
+
+    async def fetch(self, sql: str, args: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        """Run one read-only query; for operators' commands and tests."""
+        async with self._cursor() as cur:
+            await cur.execute(sql, tuple(args))
+            return list(await cur.fetchall())
+
+    def _cursor(self) -> _Cursor:
+        return _Cursor(self._pool, transaction=False)
+
+    def _transaction(self) -> _Cursor:
+        return _Cursor(self._pool, transaction=True)
+
+
+def _by_seq(event: Event) -> int:
+    return event.seq
+
+
+class _Cursor:
+    """A pooled cursor, optionally inside a transaction, that turns driver errors into ours."""
+
+    def __init__(self, pool: aiopg.Pool, *, transaction: bool) -> None:
+        self._pool = pool
+        self._transaction = transaction
+        self._conn: aiopg.Connection | None = None
+        self._cur: aiopg.Cursor | None = None
+
+    async def __aenter__(self) -> aiopg.Cursor:
+        try:
+            self._conn = await self._pool.acquire()
+            self._cur = await self._conn.cursor()
+            if self._transaction:
+                await self._cur.execute("BEGIN")
+        except BaseException as exc:
+            await self._release()
+            raise _translate(exc) from exc
+        return self._cur
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            if self._transaction and self._cur is not None and not self._cur.closed:
+                if exc is None:
+                    await self._cur.execute("COMMIT")
+                elif not self._cur.connection.closed:
+                    await self._cur.execute("ROLLBACK")
+        except BaseException as commit_exc:
+            await self._release()
+            raise _translate(commit_exc) from commit_exc
+        await self._release()
+        if exc is not None:
+            translated = _translate(exc)
+            if translated is not exc:
+                raise translated from exc
+
+    async def _release(self) -> None:
+        cur, conn = self._cur, self._conn
+        self._cur = self._conn = None
+        if cur is not None:
+            cur.close()
+        if conn is not None:
+            await self._pool.release(conn)
+
+
+def _translate(exc: BaseException) -> BaseException:
+    if isinstance(exc, StoreUnavailable | RefusedByDatabase):
+        return exc
+    # A ProgrammingError (a missing table, say) is not the data's fault: it stays retryable.
+    # libpq's messages span lines; a log line should not.
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, psycopg2.DataError | psycopg2.IntegrityError):
+        return RefusedByDatabase(message)
+    if isinstance(exc, psycopg2.Error | OSError | TimeoutError):
+        return StoreUnavailable(f"PostgreSQL: {message}")
+    return exc

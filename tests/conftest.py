@@ -1,0 +1,82 @@
+"""Real services for the tests: embedded PostgreSQL and NATS by default, the machine's own
+when ORDERS_TEST_DATABASE_URL / ORDERS_TEST_NATS_URL are set. Each test gets a database of its
+own, so tests never see each other's rows."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+from bridge.embedded_nats import EmbeddedNats
+from streams.embedded_postgres import start_embedded_postgres
+from streams.store import PostgresEventStore
+
+FIXTURE = Path(__file__).resolve().parent.parent / "publisher" / "model.json"
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL naming another database."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An administrative URL of the PostgreSQL server the tests use."""
+    configured = os.environ.get("ORDERS_TEST_DATABASE_URL")
+    if configured:
+        return configured
+    return start_embedded_postgres(tmp_path_factory.mktemp("embedded"))
+
+
+@pytest.fixture
+def database_url(postgres_server_url: str) -> Iterator[str]:
+    """A fresh, empty database for one test, dropped afterwards."""
+    name = f"orders_test_{uuid.uuid4().hex[:12]}"
+    admin = psycopg2.connect(postgres_server_url)
+    admin.autocommit = True
+    try:
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        yield with_database(postgres_server_url, name)
+        with admin.cursor() as cur:
+            cur.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    finally:
+        admin.close()
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[PostgresEventStore]:
+    """The event store on the test's own database, schema applied."""
+    opened = await PostgresEventStore.open(database_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A NATS server with JetStream; tests isolate themselves by stream name."""
+    configured = os.environ.get("ORDERS_TEST_NATS_URL")
+    if configured:
+        yield configured
+        return
+    server = EmbeddedNats(tmp_path_factory.mktemp("nats"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def model_order() -> bytes:
+    """The reference order (the 'Wildberries L0' model) as bytes."""
+    return FIXTURE.read_bytes()

@@ -1,0 +1,149 @@
+"""The agent's batch work against a real PostgreSQL: commit, then project, then settle."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
+
+import orjson
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+from streams.agent import BatchProcessor
+from streams.envelope import Envelope, Outcome
+from streams.store import PostgresEventStore
+from tests.orders import new_uid, order_bytes
+from views.view import OrdersView
+
+Switches = tuple[Callable[[], None], Callable[[], None]]
+
+
+def envelopes(*raws: bytes) -> list[Envelope]:
+    return [Envelope(raw, source=f"test:{index}") for index, raw in enumerate(raws)]
+
+
+def outcomes(batch: list[Envelope]) -> list[Outcome | None]:
+    return [envelope.settled.result() if envelope.settled.done() else None for envelope in batch]
+
+
+async def dead_letters(store: PostgresEventStore) -> list[tuple[str, str]]:
+    rows = await store.fetch("SELECT source, reason FROM orders_dead_letters ORDER BY id")
+    return [(str(source), str(reason)) for source, reason in rows]
+
+
+async def test_mixed_batch_settles_each_message_by_what_happened(store: PostgresEventStore) -> None:
+    known, fresh = new_uid(), new_uid()
+    view = OrdersView()
+    processor = BatchProcessor(store, view)
+    await processor.process(envelopes(order_bytes(known)))
+
+    batch = envelopes(
+        order_bytes(fresh),
+        b"{oops",
+        order_bytes(known),  # already in the log
+        order_bytes(fresh),  # twice in this batch
+        orjson.dumps({"order_uid": "x"}),
+    )
+    await processor.process(batch)
+
+    assert outcomes(batch) == [
+        Outcome.STORED,
+        Outcome.REJECTED,
+        Outcome.DUPLICATE,
+        Outcome.DUPLICATE,
+        Outcome.REJECTED,
+    ]
+    assert set(view) == {known, fresh}
+    assert view[fresh] == order_bytes(fresh)
+    letters = await dead_letters(store)
+    assert [source for source, _ in letters] == ["test:1", "test:4"]
+    assert "not valid JSON" in letters[0][1]
+    assert "required field is missing" in letters[1][1]
+
+
+async def test_view_holds_only_what_the_log_holds(store: PostgresEventStore) -> None:
+    processor = BatchProcessor(store, OrdersView())
+    batch = envelopes(*(order_bytes(new_uid()) for _ in range(50)), b"[]", b"null")
+    await processor.process(batch)
+    log = {event.order_uid: event.seq for event in await store.read_events(0, 1000)}
+    assert set(processor.view) == set(log)
+    assert processor.view.last_seq == max(log.values())
+
+
+async def test_payload_the_database_refuses_is_dead_lettered_alone(
+    store: PostgresEventStore,
+) -> None:
+    """A message that passes validation but that PostgreSQL cannot store (a number beyond
+    numeric's range in an extra field) must not stall the stream: the rest of its batch is
+    stored, it is dead-lettered with the database's reason."""
+    good, poison = new_uid(), new_uid()
+    bad = order_bytes(poison).replace(b'"locale"', b'"x":1e999999,"locale"')
+    batch = envelopes(order_bytes(good), bad)
+    processor = BatchProcessor(store, OrdersView())
+    await processor.process(batch)
+    assert outcomes(batch) == [Outcome.STORED, Outcome.REJECTED]
+    assert set(processor.view) == {good}
+    ((source, reason),) = await dead_letters(store)
+    assert source == "test:1" and reason.startswith("refused by PostgreSQL") and "numeric" in reason
+
+
+@pytest.fixture
+def database_outage(postgres_server_url: str, database_url: str) -> Iterator[Switches]:
+    """Switch the test database off (no new connections, existing ones killed) and on again."""
+    name = urlsplit(database_url).path.lstrip("/")
+    admin = psycopg2.connect(postgres_server_url)
+    admin.autocommit = True
+
+    def down() -> None:
+        with admin.cursor() as cur:
+            cur.execute(
+                sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name))
+            )
+            # Termination is a signal: wait until the backends are really gone.
+            for _ in range(200):
+                cur.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = %s",
+                    (name,),
+                )
+                if cur.fetchone() == (0,):
+                    return
+                time.sleep(0.05)
+            raise AssertionError(f"backends of {name} did not go away")
+
+    def up() -> None:
+        with admin.cursor() as cur:
+            cur.execute(
+                sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name))
+            )
+
+    try:
+        yield down, up
+    finally:
+        up()
+        admin.close()
+
+
+async def test_database_outage_mid_run_acks_nothing_until_committed(
+    store: PostgresEventStore,
+    database_outage: Switches,
+) -> None:
+    """With the database gone, nothing is settled (so nothing is acked) and the agent keeps
+    retrying; when it is back, the same batch commits and every message settles."""
+    down, up = database_outage
+    processor = BatchProcessor(store, OrdersView())
+    await processor.process(envelopes(order_bytes(new_uid())))  # the pool holds a live connection
+    down()
+    batch = envelopes(order_bytes(new_uid()), order_bytes(new_uid()), b"{oops")
+    task = asyncio.create_task(processor.process(batch))
+    await asyncio.sleep(1.5)
+    assert not task.done()
+    assert outcomes(batch) == [None, None, None], "nothing settled while the database is away"
+    up()
+    await asyncio.wait_for(task, timeout=30)
+    assert outcomes(batch) == [Outcome.STORED, Outcome.STORED, Outcome.REJECTED]
+    assert len(await store.read_events(0, 10)) == 3
+    assert len(processor.view) == 3
