@@ -88,15 +88,17 @@ class Settings:
 
 
 def redact(url: str) -> str:
-    """The URL with its password replaced, fit for a log line."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL with its password, or a lone token (``nats://token@host``), replaced by ***."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    netloc = f"{parts.username or ''}:***@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return url
+    user, colon, _ = userinfo.partition(":")
+    hidden = f"{user}:***" if colon else "***"
+    return urlunsplit(parts._replace(netloc=f"{hidden}@{host}"))
 
 
 def _raw(env: Mapping[str, str], name: str) -> str | None:

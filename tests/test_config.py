@@ -77,3 +77,4 @@ def test_blank_value_means_unset() -> None:
 def test_redact_hides_only_the_password() -> None:
     assert redact("postgresql://app:s3cret@db:5432/orders") == "postgresql://app:***@db:5432/orders"
     assert redact("nats://nats:4222") == "nats://nats:4222"
+    assert redact("nats://s3cret-token@nats:4222") == "nats://***@nats:4222"

@@ -1,0 +1,239 @@
+"""The bridge: fetch batches from the durable pull consumer, hand each message to the agent,
+and ack it only once the agent says it is committed.
+
+Shaped after the way faststream runs a NATS pull subscriber: one loop that fetches, a bounded
+number of batches in flight, and the subscription bound again whenever the connection comes
+back (a pull subscription does not survive a server restart on its own, nats.py issue 504).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from bridge.embedded_nats import EmbeddedNats
+from bridge.jetstream import ensure_consumer, ensure_stream
+from streams.config import Settings, redact
+from streams.envelope import Envelope, Outcome
+
+log = logging.getLogger(__name__)
+
+Submit = Callable[[Envelope], Awaitable[None]]
+
+_FETCH_TIMEOUT_S: Final = 1.0
+_BATCHES_IN_FLIGHT: Final = 4
+_RETRY_MAX_S: Final = 5.0
+_NAK_DELAY_S: Final = 2.0
+_STOP_GRACE_S: Final = 30.0
+
+_NATS_ERRORS: Final = (nats.errors.Error, nats.js.errors.Error, OSError)
+
+
+class NatsBridge:
+    """Moves messages from JetStream into the agent, and acks them after their commit."""
+
+    def __init__(self, settings: Settings, submit: Submit) -> None:
+        self.settings = settings
+        self._submit = submit
+        self._embedded: EmbeddedNats | None = None
+        self._nc: Client | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._rebind = asyncio.Event()
+        self._slots = asyncio.Semaphore(_BATCHES_IN_FLIGHT)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self.url: str | None = None
+        self._errors = _RepeatedWarning()
+
+    async def start(self) -> None:
+        """Resolve the server (starting the embedded one if needed) and start consuming."""
+        if self.settings.nats_url is not None:
+            self.url = self.settings.nats_url
+            log.info("NATS: %s", redact(self.url))
+        else:
+            self._embedded = EmbeddedNats(self.settings.data_dir)
+            self.url = await asyncio.to_thread(self._embedded.start)
+            how = "started" if self._embedded.owned else "joined"
+            log.info(
+                "NATS: embedded nats-server %s at %s (JetStream store in %s)",
+                how,
+                self.url,
+                self.settings.data_dir / "nats",
+            )
+        self._loop_task = asyncio.create_task(self._consume(), name="nats-bridge")
+
+    async def stop(self) -> None:
+        """Stop fetching, let the batches in hand commit and be acked, then disconnect."""
+        self._stopping.set()
+        if self._loop_task is not None:
+            # The loop notices within one fetch timeout, unless it waits for a free slot or for
+            # room in the agent's channel: then there is nothing in hand to finish.
+            _, pending = await asyncio.wait([self._loop_task], timeout=3 * _FETCH_TIMEOUT_S)
+            for task in pending:
+                task.cancel()
+        if self._in_flight:
+            _, pending = await asyncio.wait(self._in_flight, timeout=_STOP_GRACE_S)
+            if pending:
+                log.warning(
+                    "%d batches not committed at shutdown; JetStream redelivers them", len(pending)
+                )
+                for task in pending:
+                    task.cancel()
+        if self._nc is not None:
+            with contextlib.suppress(*_NATS_ERRORS):
+                await self._nc.drain()
+        if self._embedded is not None:
+            await asyncio.to_thread(self._embedded.stop)
+        log.info("NATS bridge stopped")
+
+    async def _consume(self) -> None:
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                js = await self._jetstream()
+                subscription = await js.pull_subscribe_bind(
+                    durable=self.settings.nats_durable, stream=self.settings.nats_stream
+                )
+                log.info(
+                    "subscribed: stream %s, consumer %s, subjects %s",
+                    self.settings.nats_stream,
+                    self.settings.nats_durable,
+                    self.settings.nats_subject,
+                )
+                self._rebind.clear()
+                delay = 0.5
+                await self._fetch_until_rebind(subscription)
+                with contextlib.suppress(*_NATS_ERRORS):
+                    await subscription.unsubscribe()
+            except _NATS_ERRORS as exc:
+                if self._stopping.is_set():
+                    break
+                log.warning(
+                    "NATS consumer unavailable, binding again in %.1f s: %s", delay, _describe(exc)
+                )
+                await self._sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+
+    async def _fetch_until_rebind(self, subscription: JetStreamContext.PullSubscription) -> None:
+        batch_size = self.settings.batch_size
+        while not self._stopping.is_set() and not self._rebind.is_set():
+            await self._slots.acquire()
+            try:
+                messages = await subscription.fetch(batch_size, timeout=_FETCH_TIMEOUT_S)
+            except (TimeoutError, nats.errors.TimeoutError):
+                self._slots.release()
+                continue  # an empty stream: expected
+            except BaseException:
+                self._slots.release()
+                raise
+            if not messages:
+                self._slots.release()
+                continue
+            envelopes = [Envelope(msg.data, self._source(msg)) for msg in messages]
+            for envelope in envelopes:
+                await self._submit(envelope)
+            task = asyncio.create_task(self._ack_when_settled(messages, envelopes))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _ack_when_settled(self, messages: list[Msg], envelopes: list[Envelope]) -> None:
+        try:
+            waiting = [envelope.settled for envelope in envelopes]
+            # A batch held up by the database keeps its messages: tell JetStream we are still
+            # on them, rather than let ack_wait expire and have them redelivered meanwhile.
+            keep_alive = self.settings.nats_ack_wait_s / 2
+            while True:
+                _, pending = await asyncio.wait(waiting, timeout=keep_alive)
+                if not pending:
+                    break
+                for msg, envelope in zip(messages, envelopes, strict=True):
+                    if not envelope.settled.done():
+                        with contextlib.suppress(*_NATS_ERRORS):
+                            await msg.in_progress()
+            for msg, envelope in zip(messages, envelopes, strict=True):
+                outcome = envelope.settled.result()
+                with contextlib.suppress(*_NATS_ERRORS):
+                    # An ack that cannot be sent is not lost work: the message comes back,
+                    # and its uid is already in the log.
+                    if outcome is Outcome.FAILED:
+                        await msg.nak(delay=_NAK_DELAY_S)
+                    else:
+                        await msg.ack()
+        finally:
+            self._slots.release()
+
+    async def _jetstream(self) -> JetStreamContext:
+        if self._nc is None or self._nc.is_closed:
+            assert self.url is not None
+            self._nc = await nats.connect(
+                self.url,
+                name="orders-service",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=5,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+                error_cb=self._on_error,
+            )
+            log.info("connected to NATS at %s", redact(self.url))
+        js = self._nc.jetstream()
+        await ensure_stream(js, self.settings.nats_stream, [self.settings.nats_subject])
+        await ensure_consumer(js, self.settings)
+        return js
+
+    def _source(self, msg: Msg) -> str:
+        return f"nats:{self.settings.nats_stream}:{msg.metadata.sequence.stream}"
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _on_disconnected(self) -> None:
+        if not self._stopping.is_set():
+            log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS at %s; binding the consumer again", _url_of(self._nc))
+        self._rebind.set()
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._errors.report(_describe(exc))
+
+
+class _RepeatedWarning:
+    """While a server is down the client fails every half second: say so once, then sparsely."""
+
+    def __init__(self, every_s: float = 30.0) -> None:
+        self._every_s = every_s
+        self._last = ""
+        self._since = 0.0
+        self._repeats = 0
+
+    def report(self, message: str) -> None:
+        now = time.monotonic()
+        if message == self._last and now - self._since < self._every_s:
+            self._repeats += 1
+            return
+        again = f" (and {self._repeats} times more since)" if self._repeats else ""
+        log.warning("NATS: %s%s", message, again)
+        self._last, self._since, self._repeats = message, now, 0
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _url_of(nc: Client | None) -> str:
+    url = nc.connected_url if nc is not None else None
+    return redact(url.geturl()) if url is not None else "?"
