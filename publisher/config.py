@@ -1,0 +1,109 @@
+"""Where to publish: NATS URL, subject and stream, from arguments, environment or the data dir."""
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from streams.config import redact
+
+URL_ENV = "ORDERS_NATS_URL"
+SUBJECT_ENV = "ORDERS_NATS_PUBLISH_SUBJECT"
+# The service's subject filter; a stream created here captures it, as the service's would.
+SERVICE_FILTER_ENV = "ORDERS_NATS_SUBJECT"
+STREAM_ENV = "ORDERS_NATS_STREAM"
+DATA_DIR_ENV = "ORDERS_DATA_DIR"
+DEFAULT_SUBJECT = "orders.new"
+DEFAULT_STREAM = "ORDERS"
+DEFAULT_DATA_DIR = ".data"
+URL_FILE_NAME = "nats.url"
+URL_SCHEMES = ("nats", "tls", "ws", "wss")
+
+_SUBJECT_TOKEN = re.compile(r"[^\s.*>]+")
+_STREAM_NAME = re.compile(r"[^\s.*>/\\]+")
+
+
+class ConfigError(ValueError):
+    """A setting is present but unusable."""
+
+
+class NoUrlError(LookupError):
+    """No NATS URL was given and no running service advertised one."""
+
+
+@dataclass(frozen=True)
+class ResolvedUrl:
+    url: str
+    source: str  # where the URL came from, for error messages
+
+    def __str__(self) -> str:
+        return f"{redact(self.url)} (from {self.source})"
+
+
+def resolve_url(
+    cli_url: str | None, env: Mapping[str, str], cwd: Path | None = None
+) -> ResolvedUrl:
+    """Pick the NATS URL: ``--url``, else ``$ORDERS_NATS_URL``, else the service's URL file.
+
+    The file sits in ``$ORDERS_DATA_DIR`` (default ``./.data``); the service writes it when it
+    starts an embedded NATS server, so an unconfigured publisher finds that server.
+    Raises ``ConfigError`` for an unusable URL and ``NoUrlError`` when there is none.
+    """
+    if cli_url is not None:
+        return ResolvedUrl(check_url(cli_url, "--url"), "--url")
+    if env.get(URL_ENV):
+        return ResolvedUrl(check_url(env[URL_ENV], URL_ENV), URL_ENV)
+    data_dir = Path(env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+    url_file = (cwd or Path.cwd()) / data_dir / URL_FILE_NAME
+    try:
+        text = url_file.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise NoUrlError(
+            f"no NATS URL: start the orders service first (it writes {url_file}), "
+            f"or pass --url or set {URL_ENV}"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read {url_file}: {error}") from None
+    return ResolvedUrl(check_url(text, str(url_file)), str(url_file))
+
+
+def check_url(url: str, source: str) -> str:
+    """Return ``url`` stripped if it is a single NATS server URL, else raise ``ConfigError``."""
+    url = url.strip()
+    if "," in url or any(c.isspace() for c in url):
+        # nats-py would accept a comma-separated list, but fails over only with reconnects,
+        # which this one-shot command turns off.
+        raise ConfigError(f"{source}: give a single server URL such as nats://127.0.0.1:4222")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # parsing the port is what rejects "host:abc" or "host:99999"
+    except ValueError as error:
+        raise ConfigError(f"{source}: malformed URL {redact(url)!r}: {error}") from None
+    if parts.scheme.lower() not in URL_SCHEMES:
+        schemes = ", ".join(f"{scheme}://" for scheme in URL_SCHEMES)
+        raise ConfigError(f"{source}: URL {redact(url)!r} must start with one of {schemes}")
+    if not parts.hostname:
+        raise ConfigError(f"{source}: URL {redact(url)!r} has no host")
+    if port == 0:
+        raise ConfigError(f"{source}: URL {redact(url)!r} has port 0")
+    return url
+
+
+def check_subject(subject: str, source: str) -> str:
+    """Return ``subject`` if one can publish to it: dot-separated tokens, no wildcards."""
+    if not subject or not all(_SUBJECT_TOKEN.fullmatch(token) for token in subject.split(".")):
+        raise ConfigError(
+            f"{source}: {subject!r} is not a publishable subject (dot-separated tokens such as"
+            " orders.new, without spaces or the wildcards * and >)"
+        )
+    return subject
+
+
+def check_stream_name(name: str, source: str) -> str:
+    """Return ``name`` if JetStream accepts it as a stream name."""
+    if not _STREAM_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{source}: {name!r} is not a valid stream name (no spaces, '.', '*', '>', '/' or '\\')"
+        )
+    return name
