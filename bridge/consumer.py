@@ -26,6 +26,7 @@ from bridge.embedded_nats import EmbeddedNats
 from bridge.jetstream import ensure_consumer, ensure_stream
 from streams.config import Settings, redact
 from streams.envelope import Envelope, Outcome
+from streams.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ _BATCHES_IN_FLIGHT: Final = 4
 _RETRY_MAX_S: Final = 5.0
 _NAK_DELAY_S: Final = 2.0
 _STOP_GRACE_S: Final = 30.0
+_POLL_CONSUMER_S: Final = 5.0
 
 _NATS_ERRORS: Final = (nats.errors.Error, nats.js.errors.Error, OSError)
 
@@ -43,12 +45,14 @@ _NATS_ERRORS: Final = (nats.errors.Error, nats.js.errors.Error, OSError)
 class NatsBridge:
     """Moves messages from JetStream into the agent, and acks them after their commit."""
 
-    def __init__(self, settings: Settings, submit: Submit) -> None:
+    def __init__(self, settings: Settings, submit: Submit, metrics: Metrics) -> None:
         self.settings = settings
         self._submit = submit
+        self.metrics = metrics
         self._embedded: EmbeddedNats | None = None
         self._nc: Client | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._poll_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._rebind = asyncio.Event()
         self._slots = asyncio.Semaphore(_BATCHES_IN_FLIGHT)
@@ -72,10 +76,13 @@ class NatsBridge:
                 self.settings.data_dir / "nats",
             )
         self._loop_task = asyncio.create_task(self._consume(), name="nats-bridge")
+        self._poll_task = asyncio.create_task(self._poll_consumer(), name="nats-consumer-info")
 
     async def stop(self) -> None:
         """Stop fetching, let the batches in hand commit and be acked, then disconnect."""
         self._stopping.set()
+        if self._poll_task is not None:
+            self._poll_task.cancel()
         if self._loop_task is not None:
             # The loop notices within one fetch timeout, unless it waits for a free slot or for
             # room in the agent's channel: then there is nothing in hand to finish.
@@ -140,7 +147,7 @@ class NatsBridge:
             if not messages:
                 self._slots.release()
                 continue
-            envelopes = [Envelope(msg.data, self._source(msg)) for msg in messages]
+            envelopes = self._envelopes(messages)
             for envelope in envelopes:
                 await self._submit(envelope)
             task = asyncio.create_task(self._ack_when_settled(messages, envelopes))
@@ -186,24 +193,54 @@ class NatsBridge:
                 reconnected_cb=self._on_reconnected,
                 error_cb=self._on_error,
             )
+            self.metrics.nats_connected.set(1)
             log.info("connected to NATS at %s", redact(self.url))
         js = self._nc.jetstream()
         await ensure_stream(js, self.settings.nats_stream, [self.settings.nats_subject])
         await ensure_consumer(js, self.settings)
         return js
 
-    def _source(self, msg: Msg) -> str:
-        return f"nats:{self.settings.nats_stream}:{msg.metadata.sequence.stream}"
+    def _envelopes(self, messages: list[Msg]) -> list[Envelope]:
+        prefix = f"nats:{self.settings.nats_stream}:"
+        envelopes = []
+        redelivered = 0
+        for msg in messages:
+            metadata = msg.metadata
+            if (metadata.num_delivered or 1) > 1:
+                redelivered += 1
+            envelopes.append(Envelope(msg.data, f"{prefix}{metadata.sequence.stream}"))
+        if redelivered:
+            self.metrics.redeliveries.inc(redelivered)
+        return envelopes
+
+    async def _poll_consumer(self) -> None:
+        """Keep the consumer's backlog gauges fresh; once per interval, never per message."""
+        while not self._stopping.is_set():
+            await self._sleep(_POLL_CONSUMER_S)
+            nc = self._nc
+            if nc is None or not nc.is_connected:
+                continue
+            try:
+                info = await nc.jetstream().consumer_info(
+                    self.settings.nats_stream, self.settings.nats_durable
+                )
+            except _NATS_ERRORS:
+                continue
+            self.metrics.consumer_pending.set(info.num_pending or 0)
+            self.metrics.consumer_ack_pending.set(info.num_ack_pending or 0)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _on_disconnected(self) -> None:
+        self.metrics.nats_connected.set(0)
         if not self._stopping.is_set():
             log.warning("disconnected from NATS; reconnecting")
 
     async def _on_reconnected(self) -> None:
+        self.metrics.nats_connected.set(1)
+        self.metrics.nats_reconnects.inc()
         log.info("reconnected to NATS at %s; binding the consumer again", _url_of(self._nc))
         self._rebind.set()
 

@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from typing import Final
 
 from streams.envelope import Envelope, Outcome
+from streams.metrics import Metrics, reason_class
 from streams.store import BatchResult, DeadLetter, EventStore, RefusedByDatabase, StoreUnavailable
 from streams.validation import Accepted, validate
-from views.view import OrdersView
+from views.follower import ViewFollower
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,18 @@ class BatchProcessor:
     with backoff for as long as it takes; the batch is never acked meanwhile.
     """
 
-    def __init__(self, store: EventStore, view: OrdersView, *, log_uids_max: int = 10) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        follower: ViewFollower,
+        *,
+        log_uids_max: int = 10,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.store = store
-        self.view = view
+        self.follower = follower
+        self.view = follower.view
+        self.metrics = metrics or Metrics()
         self._activity = _ActivityLog(log_uids_max)
 
     async def process(self, batch: Sequence[Envelope]) -> None:
@@ -59,7 +69,7 @@ class BatchProcessor:
                 envelope.settle(Outcome.FAILED)
             return
         for result in results:
-            self.view.project(result.stored)
+            await self.follower.apply(result)
         stored_uids = {event.order_uid for result in results for event in result.stored}
         for envelope, order in orders:
             if id(envelope) in outcomes:
@@ -71,7 +81,26 @@ class BatchProcessor:
                 outcomes[id(envelope)] = Outcome.DUPLICATE
         for envelope in batch:
             envelope.settle(outcomes.get(id(envelope), Outcome.REJECTED))
-        self._activity.batch(results, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._activity.batch(results, seconds)
+        self._count(len(batch), results, seconds)
+
+    def _count(self, received: int, results: list[BatchResult], seconds: float) -> None:
+        metrics = self.metrics
+        metrics.messages.inc(received)
+        metrics.batches.inc()
+        metrics.batch_size.observe(received)
+        metrics.commit_seconds.observe(seconds)
+        reasons: dict[str, int] = {}
+        for result in results:
+            metrics.stored.inc(len(result.stored))
+            metrics.duplicates.inc(len(result.duplicates))
+            metrics.conflicts.inc(len(result.conflicts))
+            for letter in result.dead_lettered:
+                kind = reason_class(letter.reason)
+                reasons[kind] = reasons.get(kind, 0) + 1
+        for kind, count in reasons.items():
+            metrics.dead_lettered.labels(kind).inc(count)
 
     async def _commit(
         self, orders: list[_Order], rejects: list[_Reject], outcomes: dict[int, Outcome]
@@ -105,6 +134,7 @@ class BatchProcessor:
                 )
             except StoreUnavailable as exc:
                 attempt += 1
+                self.metrics.database_retries.inc()
                 if attempt == 1 or delay >= _LAST_RETRY_S:
                     log.warning(
                         "database unavailable, batch of %d kept unacknowledged, "
@@ -141,6 +171,7 @@ class _ActivityLog:
                 "%d duplicate(s) with a payload different from the stored one, first kept: %s",
                 len(conflicts),
                 ", ".join(conflicts[:10]),
+                extra={"order_uids": conflicts[:10], "count": len(conflicts)},
             )
         if len(stored) + duplicates + len(rejected) <= self._uids_max:
             log.info(
@@ -149,9 +180,20 @@ class _ActivityLog:
                 ", ".join(stored) or "none",
                 duplicates,
                 len(rejected),
+                extra={
+                    "order_uids": stored,
+                    "stored": len(stored),
+                    "duplicates": duplicates,
+                    "dead_lettered": len(rejected),
+                },
             )
             for letter in rejected:
-                log.warning("dead-lettered %s: %s", letter.source or "a message", letter.reason)
+                log.warning(
+                    "dead-lettered %s: %s",
+                    letter.source or "a message",
+                    letter.reason,
+                    extra={"source": letter.source, "reason": letter.reason},
+                )
             return
         pending = self._pending
         if rejected:
@@ -167,6 +209,13 @@ class _ActivityLog:
                 now - self._since,
                 *pending[1:],
                 f" (last reason: {self._last_reason})" if pending[4] else "",
+                extra=dict(
+                    zip(
+                        ("batches", "stored", "duplicates", "conflicts", "dead_lettered"),
+                        pending,
+                        strict=True,
+                    )
+                ),
             )
             self._pending = [0, 0, 0, 0, 0]
             self._since = now

@@ -18,6 +18,9 @@ from bridge.consumer import NatsBridge
 from streams.commands import install_commands
 from streams.config import ConfigError, Settings
 from streams.envelope import Envelope
+from streams.logs import logging_config
+from streams.metrics import Metrics
+from streams.monitor import LeanMonitor
 from streams.runtime import Runtime
 from views.view import OrdersView
 from views.web import install_routes
@@ -39,18 +42,23 @@ class OrdersApp(faust.App):
     BootStrategy = KafkaFreeBoot
 
     def __init__(self, settings: Settings) -> None:
+        metrics = Metrics()
         super().__init__(
             "orders",
+            monitor=LeanMonitor(metrics.http),
             web_host=settings.web_host,
             web_bind=settings.web_host,
             web_port=settings.web_port,
             datadir=str(settings.data_dir / "faust"),
             web_cors_options=None,
+            logging_config=logging_config(settings.log_format),
         )
         self.settings = settings
+        self.metrics = metrics
         self.view = OrdersView()
+        metrics.watch_view(self.view.__len__, lambda: self.view.last_seq)
         self.orders_channel: faust.ChannelT[Envelope] = self.channel()
-        self.runtime = Runtime(settings, self.view, self.flow_control.resume)
+        self.runtime = Runtime(settings, self.view, metrics, self.flow_control.resume)
 
     async def on_first_start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -78,9 +86,9 @@ def create_app(settings: Settings) -> OrdersApp:
             assert processor is not None, "the inflow starts only after the processor exists"
             await processor.process(batch)
 
-    bridge = NatsBridge(settings, app.submit)
+    bridge = NatsBridge(settings, app.submit, app.metrics)
     app.runtime.add_inflow(bridge.start, bridge.stop)
-    install_routes(app, app.view, app.runtime.restored.is_set)
+    install_routes(app, app.view, app.runtime.readiness, app.metrics.registry)
     install_commands(app)
     return app
 

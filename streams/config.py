@@ -39,6 +39,10 @@ class Settings:
         longer than a slow batch commit.
     nats_max_ack_pending: most messages handed out and not yet acked: the bound on in-flight work.
     log_uids_max: batches up to this size log each stored order_uid; larger ones log a summary.
+    log_format: ``text`` (Faust's format) or ``json`` (one object per line).
+    consume: ``False`` makes a read replica: it follows the log and serves, never consumes.
+    follow_poll_s: how often the view checks the log for commits it was not told of.
+    ready_max_lag: /readyz answers 503 while the view is more events behind the log than this.
     """
 
     database_url: str | None = None
@@ -55,6 +59,10 @@ class Settings:
     nats_ack_wait_s: float = 30.0
     nats_max_ack_pending: int = 10_000
     log_uids_max: int = 10
+    log_format: str = "text"
+    consume: bool = True
+    follow_poll_s: float = 1.0
+    ready_max_lag: int = 10_000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -84,6 +92,12 @@ class Settings:
                 env, "ORDERS_NATS_MAX_ACK_PENDING", defaults.nats_max_ack_pending, 1, 1_000_000
             ),
             log_uids_max=_int(env, "ORDERS_LOG_UIDS_MAX", defaults.log_uids_max, 0, 100_000),
+            log_format=_choice(env, "ORDERS_LOG_FORMAT", defaults.log_format, ("text", "json")),
+            consume=_bool(env, "ORDERS_CONSUME", defaults.consume),
+            follow_poll_s=_float(env, "ORDERS_FOLLOW_POLL_S", defaults.follow_poll_s, 0.05, 3600.0),
+            ready_max_lag=_int(
+                env, "ORDERS_READY_MAX_LAG", defaults.ready_max_lag, 0, 1_000_000_000
+            ),
         )
 
 
@@ -138,6 +152,24 @@ def _number(
         raise ConfigError(f"{name}={raw!r}: expected {kind}") from None
     if not low <= value <= high:
         raise ConfigError(f"{name}={value}: expected a number from {low} to {high}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = _raw(env, name)
+    if value is None:
+        return default
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={value!r}: expected true or false")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = _text(env, name, default).lower()
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}: expected one of {', '.join(choices)}")
     return value
 
 

@@ -6,6 +6,7 @@ arrays (``unnest``), and replay reads keyset pages (``seq > last ORDER BY seq LI
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.resources
 from collections.abc import Sequence
@@ -40,12 +41,14 @@ class DeadLetter:
 @dataclasses.dataclass(frozen=True, slots=True)
 class BatchResult:
     """What one committed batch did: new events in seq order, the uids that were not new, and
-    the messages dead-lettered."""
+    the messages dead-lettered. ``previous_seq`` is the log's last seq just before the new
+    events (0 when nothing was stored): a view at that seq can take them as they are."""
 
     stored: list[Event]
     duplicates: list[str]
     conflicts: list[str]
     dead_lettered: list[DeadLetter]
+    previous_seq: int = 0
 
 
 class StoreUnavailable(Exception):
@@ -65,6 +68,10 @@ class EventStore(Protocol):
 
     async def read_events(self, after: int, limit: int) -> list[Event]: ...
 
+    async def head(self) -> int: ...
+
+    async def listen(self) -> Listener: ...
+
 
 # EXCLUSIVE mode lets readers in but serialises writers until commit. Without it two
 # transactions could take seq 7 and 8, 8 could commit first, and a reader tailing the log
@@ -76,8 +83,14 @@ SELECT uid, %s, payload::jsonb
   FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS batch(uid, payload, position)
  ORDER BY position
     ON CONFLICT (order_uid) DO NOTHING
-RETURNING seq, order_uid
+RETURNING seq, order_uid, (SELECT max(seq) FROM orders_events)
 """
+# The subquery in RETURNING sees the statement's snapshot, taken after the lock: the log's
+# head just before this insert, with every row another writer committed before it.
+
+NOTIFY_CHANNEL: Final = "orders_events"
+_NOTIFY: Final = "SELECT pg_notify(%s, %s)"
+_HEAD: Final = "SELECT coalesce(max(seq), 0) FROM orders_events"
 
 _CONFLICTS: Final = """
 SELECT DISTINCT e.order_uid
@@ -108,8 +121,9 @@ def schema_sql() -> str:
 class PostgresEventStore:
     """The event store on PostgreSQL: per batch, one transaction and one statement per table."""
 
-    def __init__(self, pool: aiopg.Pool) -> None:
+    def __init__(self, pool: aiopg.Pool, dsn: str) -> None:
         self._pool = pool
+        self._dsn = dsn
 
     @classmethod
     async def open(cls, dsn: str, *, maxsize: int = 4, timeout: float = 10.0) -> PostgresEventStore:
@@ -126,7 +140,7 @@ class PostgresEventStore:
             )
         except (psycopg2.Error, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
-        store = cls(pool)
+        store = cls(pool, dsn)
         try:
             await store.apply_schema()
         except BaseException:
@@ -157,12 +171,16 @@ class PostgresEventStore:
         stored: list[Event] = []
         duplicates: list[Accepted] = []
         conflicts: list[str] = []
+        previous_seq = 0
         async with self._transaction() as cur:
             if orders:
                 uids = [order.order_uid for order in orders]
                 texts = [order.payload.decode() for order in orders]
                 await cur.execute(_APPEND, (EVENT_TYPE, uids, texts))
-                new_seqs: dict[str, int] = {uid: seq for seq, uid in await cur.fetchall()}
+                new_seqs: dict[str, int] = {}
+                for seq, uid, previous in await cur.fetchall():
+                    new_seqs[uid] = seq
+                    previous_seq = previous or 0
                 for order in orders:
                     seq = new_seqs.pop(order.order_uid, None)
                     if seq is None:
@@ -170,6 +188,9 @@ class PostgresEventStore:
                     else:
                         stored.append(Event(seq, order.order_uid, order.payload))
                 stored.sort(key=_by_seq)
+            if stored:
+                # Delivered on commit; followers then read the tail of the log.
+                await cur.execute(_NOTIFY, (NOTIFY_CHANNEL, str(stored[-1].seq)))
             if duplicates:
                 await cur.execute(
                     _CONFLICTS,
@@ -193,6 +214,7 @@ class PostgresEventStore:
             duplicates=[order.order_uid for order in duplicates],
             conflicts=conflicts,
             dead_lettered=list(rejects),
+            previous_seq=previous_seq,
         )
 
     async def read_events(self, after: int, limit: int) -> list[Event]:
@@ -200,6 +222,30 @@ class PostgresEventStore:
         async with self._cursor() as cur:
             await cur.execute(_READ, (after, limit))
             return [Event(seq, uid, text.encode()) for seq, uid, text in await cur.fetchall()]
+
+    async def head(self) -> int:
+        """The last seq in the log (0 when it is empty)."""
+        async with self._cursor() as cur:
+            await cur.execute(_HEAD)
+            row = await cur.fetchone()
+            return int(row[0])
+
+    async def listen(self) -> Listener:
+        """A connection of its own that hears each commit of new events."""
+        try:
+            conn = await aiopg.connect(
+                self._dsn, enable_json=False, enable_hstore=False, enable_uuid=False
+            )
+        except (psycopg2.Error, OSError, TimeoutError) as exc:
+            raise _translate(exc) from exc
+        listener = Listener(conn)
+        try:
+            async with conn.cursor() as cur:
+                await cur.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        except BaseException as exc:
+            await listener.close()
+            raise _translate(exc) from exc
+        return listener
 
     async def fetch(self, sql: str, args: Sequence[object] = ()) -> list[tuple[object, ...]]:
         """Run one read-only query; for operators' commands and tests."""
@@ -212,6 +258,32 @@ class PostgresEventStore:
 
     def _transaction(self) -> _Cursor:
         return _Cursor(self._pool, transaction=True)
+
+
+class Listener:
+    """Notifications of new events, from a LISTEN connection."""
+
+    def __init__(self, conn: aiopg.Connection) -> None:
+        self._conn = conn
+
+    async def next_head(self, timeout: float) -> int | None:
+        """The seq announced by the next commit, or ``None`` if none came within ``timeout``.
+
+        Raises StoreUnavailable when the connection is lost.
+        """
+        try:
+            notice = await asyncio.wait_for(self._conn.notifies.get(), timeout)
+        except TimeoutError:
+            if self._conn.closed:
+                raise StoreUnavailable("the LISTEN connection is closed") from None
+            return None
+        except (psycopg2.Error, OSError) as exc:
+            raise _translate(exc) from exc
+        return int(notice.payload) if notice.payload.isdigit() else None
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self._conn.close()
 
 
 def _by_seq(event: Event) -> int:

@@ -5,6 +5,8 @@ own, so tests never see each other's rows."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,11 +14,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
+from pgserver.postgres_server import get_server
 from psycopg2 import sql
 
 from bridge.embedded_nats import EmbeddedNats
-from streams.embedded_postgres import start_embedded_postgres
 from streams.store import PostgresEventStore
+from tests.database import DatabaseSwitch
+from tests.flow import Route
 
 FIXTURE = Path(__file__).resolve().parent.parent / "publisher" / "model.json"
 
@@ -28,12 +32,18 @@ def with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """An administrative URL of the PostgreSQL server the tests use."""
+def postgres_server_url() -> str:
+    """An administrative URL of the PostgreSQL server the tests use.
+
+    The embedded server lives outside pytest's temporary folders, which another pytest run
+    may prune while this one still uses them, and is deleted when the session's process ends.
+    """
     configured = os.environ.get("ORDERS_TEST_DATABASE_URL")
     if configured:
         return configured
-    return start_embedded_postgres(tmp_path_factory.mktemp("embedded"))
+    server = get_server(Path(tempfile.mkdtemp(prefix="orders-test-pg-")), cleanup_mode="delete")
+    url: str = server.get_uri("postgres")
+    return url
 
 
 @pytest.fixture
@@ -53,6 +63,16 @@ def database_url(postgres_server_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def database_switch(postgres_server_url: str, database_url: str) -> Iterator[DatabaseSwitch]:
+    """Turns the test's database off and on; always on again after the test."""
+    switch = DatabaseSwitch(postgres_server_url, database_url)
+    try:
+        yield switch
+    finally:
+        switch.close()
+
+
+@pytest.fixture
 async def store(database_url: str) -> AsyncIterator[PostgresEventStore]:
     """The event store on the test's own database, schema applied."""
     opened = await PostgresEventStore.open(database_url)
@@ -63,17 +83,25 @@ async def store(database_url: str) -> AsyncIterator[PostgresEventStore]:
 
 
 @pytest.fixture(scope="session")
-def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def nats_url() -> Iterator[str]:
     """A NATS server with JetStream; tests isolate themselves by stream name."""
     configured = os.environ.get("ORDERS_TEST_NATS_URL")
     if configured:
         yield configured
         return
-    server = EmbeddedNats(tmp_path_factory.mktemp("nats"))
+    data_dir = Path(tempfile.mkdtemp(prefix="orders-test-nats-"))
+    server = EmbeddedNats(data_dir)
     try:
         yield server.start()
     finally:
         server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def route(nats_url: str) -> Route:
+    """A stream, consumer and subject of the test's own on the session's NATS server."""
+    return Route(nats_url)
 
 
 @pytest.fixture

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Iterator
-from urllib.parse import urlsplit
 
 import orjson
-import psycopg2
-import pytest
-from psycopg2 import sql
 
 from streams.agent import BatchProcessor
 from streams.envelope import Envelope, Outcome
 from streams.store import PostgresEventStore
+from tests.database import DatabaseSwitch
 from tests.orders import new_uid, order_bytes
+from views.follower import ViewFollower
 from views.view import OrdersView
-
-Switches = tuple[Callable[[], None], Callable[[], None]]
 
 
 def envelopes(*raws: bytes) -> list[Envelope]:
@@ -37,7 +31,7 @@ async def dead_letters(store: PostgresEventStore) -> list[tuple[str, str]]:
 async def test_mixed_batch_settles_each_message_by_what_happened(store: PostgresEventStore) -> None:
     known, fresh = new_uid(), new_uid()
     view = OrdersView()
-    processor = BatchProcessor(store, view)
+    processor = BatchProcessor(store, ViewFollower(view, store, page_size=100))
     await processor.process(envelopes(order_bytes(known)))
 
     batch = envelopes(
@@ -65,7 +59,7 @@ async def test_mixed_batch_settles_each_message_by_what_happened(store: Postgres
 
 
 async def test_view_holds_only_what_the_log_holds(store: PostgresEventStore) -> None:
-    processor = BatchProcessor(store, OrdersView())
+    processor = BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
     batch = envelopes(*(order_bytes(new_uid()) for _ in range(50)), b"[]", b"null")
     await processor.process(batch)
     log = {event.order_uid: event.seq for event in await store.read_events(0, 1000)}
@@ -82,7 +76,7 @@ async def test_payload_the_database_refuses_is_dead_lettered_alone(
     good, poison = new_uid(), new_uid()
     bad = order_bytes(poison).replace(b'"locale"', b'"x":1e999999,"locale"')
     batch = envelopes(order_bytes(good), bad)
-    processor = BatchProcessor(store, OrdersView())
+    processor = BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
     await processor.process(batch)
     assert outcomes(batch) == [Outcome.STORED, Outcome.REJECTED]
     assert set(processor.view) == {good}
@@ -90,59 +84,21 @@ async def test_payload_the_database_refuses_is_dead_lettered_alone(
     assert source == "test:1" and reason.startswith("refused by PostgreSQL") and "numeric" in reason
 
 
-@pytest.fixture
-def database_outage(postgres_server_url: str, database_url: str) -> Iterator[Switches]:
-    """Switch the test database off (no new connections, existing ones killed) and on again."""
-    name = urlsplit(database_url).path.lstrip("/")
-    admin = psycopg2.connect(postgres_server_url)
-    admin.autocommit = True
-
-    def down() -> None:
-        with admin.cursor() as cur:
-            cur.execute(
-                sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS false").format(sql.Identifier(name))
-            )
-            # Termination is a signal: wait until the backends are really gone.
-            for _ in range(200):
-                cur.execute(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                    " WHERE datname = %s",
-                    (name,),
-                )
-                if cur.fetchone() == (0,):
-                    return
-                time.sleep(0.05)
-            raise AssertionError(f"backends of {name} did not go away")
-
-    def up() -> None:
-        with admin.cursor() as cur:
-            cur.execute(
-                sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(sql.Identifier(name))
-            )
-
-    try:
-        yield down, up
-    finally:
-        up()
-        admin.close()
-
-
 async def test_database_outage_mid_run_acks_nothing_until_committed(
     store: PostgresEventStore,
-    database_outage: Switches,
+    database_switch: DatabaseSwitch,
 ) -> None:
     """With the database gone, nothing is settled (so nothing is acked) and the agent keeps
     retrying; when it is back, the same batch commits and every message settles."""
-    down, up = database_outage
-    processor = BatchProcessor(store, OrdersView())
+    processor = BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
     await processor.process(envelopes(order_bytes(new_uid())))  # the pool holds a live connection
-    down()
+    database_switch.refuse()
     batch = envelopes(order_bytes(new_uid()), order_bytes(new_uid()), b"{oops")
     task = asyncio.create_task(processor.process(batch))
     await asyncio.sleep(1.5)
     assert not task.done()
     assert outcomes(batch) == [None, None, None], "nothing settled while the database is away"
-    up()
+    database_switch.allow()
     await asyncio.wait_for(task, timeout=30)
     assert outcomes(batch) == [Outcome.STORED, Outcome.STORED, Outcome.REJECTED]
     assert len(await store.read_events(0, 10)) == 3

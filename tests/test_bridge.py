@@ -3,96 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import nats
 import orjson
-import psycopg2
 import pytest
-from nats.js import JetStreamContext
 
 from bridge.embedded_nats import EmbeddedNats
-from publisher.generate import OrderFactory
 from publisher.messages import Message
-from publisher.publish import publish
 from streams.store import PostgresEventStore
+from tests.database import DatabaseSwitch
+from tests.flow import Route, event_uids, logged, orders, wait_for_orders
 from tests.orders import new_uid, order_bytes, order_dict
-from tests.worker import Worker, eventually, free_port, view_size, worker_env
-
-
-class Route:
-    """One test's stream, consumer and subject, and a JetStream client to publish on it."""
-
-    def __init__(self, nats_url: str) -> None:
-        self.name = uuid.uuid4().hex[:10]
-        self.nats_url = nats_url
-        self.subject = f"t{self.name}.new"
-        self.stream = f"T{self.name}"
-        self.durable = f"w{self.name}"
-
-    def env(self, database_url: str) -> dict[str, str]:
-        return worker_env(database_url, self.nats_url, self.name)
-
-    async def send(self, payloads: Iterable[bytes | Message]) -> None:
-        nc = await nats.connect(self.nats_url)
-        try:
-            js = nc.jetstream()
-            await self._ensure_stream(js)
-            messages = [
-                item if isinstance(item, Message) else Message(item, "invalid") for item in payloads
-            ]
-            await publish(js, self.subject, messages)
-        finally:
-            await nc.close()
-
-    async def _ensure_stream(self, js: JetStreamContext) -> None:
-        try:
-            await js.stream_info(self.stream)
-        except nats.js.errors.NotFoundError:
-            await js.add_stream(name=self.stream, subjects=[f"t{self.name}.>"])
-
-    async def ack_floor_and_pending(self) -> tuple[int, int]:
-        nc = await nats.connect(self.nats_url)
-        try:
-            info = await nc.jetstream().consumer_info(self.stream, self.durable)
-            assert info.ack_floor is not None and info.num_ack_pending is not None
-            return info.ack_floor.stream_seq or 0, info.num_ack_pending
-        finally:
-            await nc.close()
-
-
-@pytest.fixture
-def route(nats_url: str) -> Route:
-    return Route(nats_url)
-
-
-async def wait_for_orders(worker: Worker, count: int) -> None:
-    """Until the worker's view holds ``count`` orders."""
-
-    async def holds_all() -> bool:
-        return await view_size(worker) == count
-
-    await eventually(holds_all, f"{count} orders in the view\n{worker.log()}")
-
-
-def logged(worker: Worker, text: str) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return text in worker.log()
-
-    return check
-
-
-async def event_uids(store: PostgresEventStore) -> list[str]:
-    return [str(uid) for (uid,) in await store.fetch("SELECT order_uid FROM orders_events")]
-
-
-def orders(count: int, seed: int) -> list[Message]:
-    factory = OrderFactory(seed=seed)
-    made = [factory.order() for _ in range(count)]
-    return [Message(orjson.dumps(order), "order", str(order["order_uid"])) for order in made]
+from tests.worker import Worker, eventually, free_port, view_size
 
 
 async def test_published_order_is_served_byte_for_byte(
@@ -228,43 +151,29 @@ async def test_nats_restart_mid_run_resumes_consumption(
 async def test_database_outage_holds_acks_until_the_orders_are_committed(
     tmp_path: Path,
     database_url: str,
-    postgres_server_url: str,
+    database_switch: DatabaseSwitch,
     route: Route,
     store: PostgresEventStore,
 ) -> None:
     """While PostgreSQL refuses the service, nothing is acked to NATS; afterwards all is stored."""
-    name = urlsplit(database_url).path.lstrip("/")
-    admin = psycopg2.connect(postgres_server_url)
-    admin.autocommit = True
     before, during = orders(100, seed=21), orders(300, seed=22)
-    try:
-        with Worker(tmp_path, **route.env(database_url)) as worker:
-            await worker.wait_ready()
-            await route.send(before)
-            await wait_for_orders(worker, 100)
-            with admin.cursor() as cur:
-                cur.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-                cur.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
-                    (name,),
-                )
-            await route.send(during)
-            await asyncio.sleep(3)
-            floor, pending = await route.ack_floor_and_pending()
-            assert floor == 100, "no message after the outage began was acked"
-            assert pending > 0
-            with admin.cursor() as cur:
-                cur.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-            await wait_for_orders(worker, 400)
+    with Worker(tmp_path, **route.env(database_url)) as worker:
+        await worker.wait_ready()
+        await route.send(before)
+        await wait_for_orders(worker, 100)
+        database_switch.refuse()
+        await route.send(during)
+        await asyncio.sleep(3)
+        floor, pending = await route.ack_floor_and_pending()
+        assert floor == 100, "no message after the outage began was acked"
+        assert pending > 0
+        database_switch.allow()
+        await wait_for_orders(worker, 400)
 
-            async def all_acked() -> bool:
-                return await route.ack_floor_and_pending() == (400, 0)
+        async def all_acked() -> bool:
+            return await route.ack_floor_and_pending() == (400, 0)
 
-            await eventually(all_acked, "every message acked")
-            assert "database unavailable, batch of" in worker.log()
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-        admin.close()
+        await eventually(all_acked, "every message acked")
+        assert "database unavailable, batch of" in worker.log()
     stored = await event_uids(store)
     assert len(stored) == len(set(stored)) == 400

@@ -33,6 +33,7 @@ def test_every_variable_is_read() -> None:
             "ORDERS_NATS_ACK_WAIT_S": "12.5",
             "ORDERS_NATS_MAX_ACK_PENDING": "77",
             "ORDERS_LOG_UIDS_MAX": "0",
+            "ORDERS_LOG_FORMAT": "JSON",
         }
     )
     assert settings == Settings(
@@ -50,6 +51,7 @@ def test_every_variable_is_read() -> None:
         nats_ack_wait_s=12.5,
         nats_max_ack_pending=77,
         log_uids_max=0,
+        log_format="json",
     )
 
 
@@ -62,6 +64,7 @@ def test_every_variable_is_read() -> None:
         ("ORDERS_DATABASE_URL", "localhost", "expected a URL starting with postgres://"),
         ("ORDERS_NATS_SUBJECT", "orders..x", "expected a NATS subject"),
         ("ORDERS_NATS_DURABLE", "x" * 65, "expected 1 to 64 letters"),
+        ("ORDERS_LOG_FORMAT", "xml", "ORDERS_LOG_FORMAT='xml': expected one of text, json"),
     ],
 )
 def test_bad_value_names_the_variable(variable: str, value: str, message: str) -> None:

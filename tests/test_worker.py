@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import orjson
 import psycopg2
@@ -12,6 +11,7 @@ import pytest
 
 from streams.store import PostgresEventStore
 from streams.validation import Accepted
+from tests.database import DatabaseSwitch
 from tests.orders import new_uid, order_bytes
 from tests.worker import FAUST, Worker, worker_env
 
@@ -65,32 +65,25 @@ async def test_readyz_says_503_until_the_view_is_restored(
     tmp_path: Path,
     database_url: str,
     nats_url: str,
-    postgres_server_url: str,
+    database_switch: DatabaseSwitch,
     store: PostgresEventStore,
 ) -> None:
-    """Started while its database refuses connections, the worker is alive but not ready; once
-    the database is back it restores the view and turns ready."""
+    """Started while its database refuses connections, the worker is alive but not ready, and
+    an order it cannot know yet is 503 rather than 404; once the database is back it restores
+    the view and turns ready."""
     uid = new_uid()
     await store.write_batch([Accepted(uid, order_bytes(uid))], [])
     await store.close()
-    name = urlsplit(database_url).path.lstrip("/")
-    admin = psycopg2.connect(postgres_server_url)
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        with Worker(tmp_path, **worker_env(database_url, nats_url)) as worker:
-            await worker.wait_alive()
-            status, body, _ = await worker.get("/readyz")
-            assert status == 503 and orjson.loads(body)["status"] == "restoring"
-            with admin.cursor() as cur:
-                cur.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-            assert (await worker.wait_ready())["orders"] == 1
-            assert "database not reachable, retrying" in worker.log()
-    finally:
-        with admin.cursor() as cur:
-            cur.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-        admin.close()
+    database_switch.refuse()
+    with Worker(tmp_path, **worker_env(database_url, nats_url)) as worker:
+        await worker.wait_alive()
+        status, body, _ = await worker.get("/readyz")
+        assert status == 503 and orjson.loads(body)["status"] == "restoring"
+        status, body, _ = await worker.get(f"/orders/{uid}")
+        assert status == 503 and "still loading" in orjson.loads(body)["error"]
+        database_switch.allow()
+        assert (await worker.wait_ready())["orders"] == 1
+        assert "database not reachable, retrying" in worker.log()
 
 
 def run_replay(tmp_path: Path, database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -172,3 +165,24 @@ def test_bad_environment_stops_the_worker_with_a_clear_error(
     assert done.returncode == 2
     assert f"configuration error: {message}" in done.stderr
     assert "secret" not in done.stderr, "passwords never reach the output"
+
+
+async def test_json_logs_are_one_object_per_line_with_fields(
+    tmp_path: Path, database_url: str, nats_url: str, store: PostgresEventStore
+) -> None:
+    uid = new_uid()
+    await store.write_batch([Accepted(uid, order_bytes(uid))], [])
+    env = {**worker_env(database_url, nats_url), "ORDERS_LOG_FORMAT": "json"}
+    with Worker(tmp_path, **env) as worker:
+        await worker.wait_ready()
+        assert worker.stop() == 0
+    entries = [orjson.loads(line) for line in worker.log().splitlines() if line.startswith("{")]
+    assert len(entries) > 10
+    assert all({"timestamp", "level", "logger", "message"} <= set(entry) for entry in entries)
+    (restored,) = [entry for entry in entries if entry["message"].startswith("view restored")]
+    assert (restored["count"], restored["level"], restored["logger"]) == (
+        1,
+        "info",
+        "streams.runtime",
+    )
+    assert restored["seq"] >= 1

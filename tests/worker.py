@@ -27,13 +27,17 @@ def free_port() -> int:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, timeout: float = 120.0
+    check: Callable[[], Awaitable[bool]],
+    what: str,
+    timeout: float = 120.0,
+    context: Callable[[], str] | None = None,
 ) -> None:
-    """Poll ``check`` until it holds; fail saying ``what`` did not happen."""
+    """Poll ``check`` until it holds; fail saying ``what`` did not happen, with ``context()``."""
     deadline = time.monotonic() + timeout
     while not await check():
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
+            detail = f"\n{context()}" if context is not None else ""
+            raise AssertionError(f"not within {timeout} s: {what}{detail}")
         await asyncio.sleep(0.05)
 
 
@@ -97,7 +101,7 @@ class Worker:
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as http:
             while time.monotonic() < deadline:
-                assert self.process is not None and self.process.poll() is None, self.log()
+                assert self.process is not None and self.process.poll() is None, self.log_tail()
                 try:
                     async with http.get(self.base + path) as response:
                         if response.status == 200:
@@ -106,7 +110,7 @@ class Worker:
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.1)
-        raise AssertionError(f"worker not ready within {timeout} s:\n{self.log()}")
+        raise AssertionError(f"worker not ready within {timeout} s:\n{self.log_tail()}")
 
     async def get(self, path: str) -> tuple[int, bytes, str]:
         async with aiohttp.ClientSession() as http, http.get(self.base + path) as response:
@@ -131,13 +135,20 @@ class Worker:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-            raise AssertionError(f"worker did not stop within {timeout} s:\n{self.log()}") from None
+            raise AssertionError(
+                f"worker did not stop within {timeout} s:\n{self.log_tail()}"
+            ) from None
 
     def log(self) -> str:
+        """Everything the worker wrote so far."""
         try:
-            return self.log_path.read_text(errors="replace")[-6000:]
+            return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             return "(no log)"
+
+    def log_tail(self) -> str:
+        """The end of the log, for failure messages."""
+        return self.log()[-6000:]
 
     def __enter__(self) -> Worker:
         return self if self.process is not None else self.start()

@@ -9,6 +9,7 @@ from typing import Final
 
 import faust
 from faust.web import Request, Response, View
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from streams.validation import UID_PATTERN
 from views.view import OrdersView
@@ -27,10 +28,15 @@ def _static(name: str) -> bytes:
     return importlib.resources.files("views").joinpath("static", name).read_bytes()
 
 
-def install_routes(app: faust.App, view: OrdersView, is_ready: Callable[[], bool]) -> None:
-    """Register ``/``, ``/app.js``, ``/orders/{uid}``, ``/healthz`` and ``/readyz`` on ``app``."""
+def install_routes(
+    app: faust.App,
+    view: OrdersView,
+    readiness: Callable[[], tuple[bool, dict[str, object]]],
+    registry: CollectorRegistry,
+) -> None:
+    """Register the routes: ``/orders/{uid}``, the page (``/``, ``/app.js``, ``/app.css``),
+    ``/metrics``, ``/healthz`` and ``/readyz``."""
     index_html = _static("index.html").decode("utf-8")
-    app_js = _static("app.js")
 
     @app.page("/orders/{uid}", name="order")
     async def order(self: View, request: Request, uid: str) -> Response:
@@ -40,6 +46,9 @@ def install_routes(app: faust.App, view: OrdersView, is_ready: Callable[[], bool
             )
         payload = view.get(uid)
         if payload is None:
+            if not readiness()[0]:
+                # Not known yet is not the same as not there: ask the client to come back.
+                return _error(self, 503, "the service is still loading orders; try again shortly")
             return _error(self, 404, f"order {uid} not found")
         return self.bytes(payload, content_type=_JSON)
 
@@ -47,13 +56,12 @@ def install_routes(app: faust.App, view: OrdersView, is_ready: Callable[[], bool
     async def index(self: View, request: Request) -> Response:
         return self.html(index_html, headers=dict(_PAGE_HEADERS))
 
-    @app.page("/app.js", name="script")
-    async def script(self: View, request: Request) -> Response:
-        return self.bytes(
-            app_js,
-            content_type="text/javascript",
-            headers={"X-Content-Type-Options": "nosniff"},
-        )
+    _asset(app, "/app.js", _static("app.js"), "text/javascript")
+    _asset(app, "/app.css", _static("app.css"), "text/css")
+
+    @app.page("/metrics", name="metrics")
+    async def metrics(self: View, request: Request) -> Response:
+        return self.bytes(generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     @app.page("/healthz", name="healthz")
     async def healthz(self: View, request: Request) -> Response:
@@ -61,9 +69,17 @@ def install_routes(app: faust.App, view: OrdersView, is_ready: Callable[[], bool
 
     @app.page("/readyz", name="readyz")
     async def readyz(self: View, request: Request) -> Response:
-        if not is_ready():
-            return self.json({"status": "restoring", "orders": len(view)}, status=503)
-        return self.json({"status": "ready", "orders": len(view), "last_seq": view.last_seq})
+        ready, detail = readiness()
+        return self.json(detail, status=200 if ready else 503)
+
+
+def _asset(app: faust.App, path: str, body: bytes, content_type: str) -> None:
+    async def asset(self: View, request: Request) -> Response:
+        return self.bytes(
+            body, content_type=content_type, headers={"X-Content-Type-Options": "nosniff"}
+        )
+
+    app.page(path, name=path.lstrip("/"))(asset)
 
 
 def _error(page: View, status: int, message: str) -> Response:

@@ -1,0 +1,53 @@
+"""Log output: Faust's human format by default, one JSON object per line for log shippers."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any, Final
+
+import orjson
+
+# Attributes every LogRecord has; anything else on a record came from ``extra=`` and is a field.
+_STANDARD: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "color_message",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"timestamp", "level", "logger", "message", ...extra fields}`` on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "timestamp": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def logging_config(log_format: str) -> dict[str, Any] | None:
+    """The dictConfig Faust's worker merges into its own, or ``None`` to keep Faust's."""
+    if log_format != "json":
+        return None
+    return {
+        "merge": True,
+        "formatters": {"json": {"()": JsonFormatter}},
+        "handlers": {
+            "default": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "stream": "ext://sys.stderr",
+            }
+        },
+    }

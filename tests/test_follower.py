@@ -1,0 +1,115 @@
+"""Every worker's view follows the log, whoever wrote to it (real PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from streams.store import PostgresEventStore
+from streams.validation import Accepted
+from tests.database import DatabaseSwitch
+from tests.orders import new_uid, order_bytes
+from tests.worker import eventually
+from views.follower import ViewFollower
+from views.view import OrdersView
+
+
+def accepted(count: int) -> list[Accepted]:
+    uids = [new_uid() for _ in range(count)]
+    return [Accepted(uid, order_bytes(uid)) for uid in uids]
+
+
+@pytest.fixture
+async def other_writer(database_url: str) -> AsyncIterator[PostgresEventStore]:
+    """A second store on the same database: another worker's writes."""
+    store = await PostgresEventStore.open(database_url)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def log_uids(store: PostgresEventStore) -> list[str]:
+    return [event.order_uid for event in await store.read_events(0, 100_000)]
+
+
+async def test_own_commit_after_another_writer_brings_both_in_log_order(
+    store: PostgresEventStore, other_writer: PostgresEventStore
+) -> None:
+    """The other writer's events sit between the view and our batch: they are read from the
+    log first, so the view never jumps over them."""
+    follower = ViewFollower(OrdersView(), store, page_size=3)
+    await follower.apply(await store.write_batch(accepted(2), []))
+    await other_writer.write_batch(accepted(5), [])
+    ours = await store.write_batch(accepted(2), [])
+    assert ours.previous_seq > follower.view.last_seq
+    await follower.apply(ours)
+    assert list(follower.view) == await log_uids(store)
+    assert follower.lag == 0
+
+
+async def test_single_writer_projects_its_batches_without_reading_them_back(
+    store: PostgresEventStore,
+) -> None:
+    follower = ViewFollower(OrdersView(), store, page_size=10)
+    for _ in range(3):
+        result = await store.write_batch(accepted(4), [])
+        assert result.previous_seq == follower.view.last_seq
+        await follower.apply(result)
+    assert list(follower.view) == await log_uids(store)
+
+
+async def test_notification_brings_another_writers_events_without_waiting_for_the_poll(
+    store: PostgresEventStore, other_writer: PostgresEventStore
+) -> None:
+    follower = ViewFollower(OrdersView(), store, page_size=100)
+    following = asyncio.create_task(follower.follow(poll_s=60))
+    try:
+        await asyncio.sleep(0.5)  # LISTEN in place
+        await other_writer.write_batch(accepted(7), [])
+
+        async def caught_up() -> bool:
+            return len(follower.view) == 7
+
+        await eventually(caught_up, "7 orders followed through NOTIFY", timeout=10)
+    finally:
+        following.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await following
+
+
+async def test_dropped_listen_connection_is_replaced_and_the_view_catches_up(
+    database_switch: DatabaseSwitch,
+    store: PostgresEventStore,
+    other_writer: PostgresEventStore,
+) -> None:
+    """The LISTEN connection killed from the server side (pg_terminate_backend): the follower
+    connects again and reads what it missed."""
+    follower = ViewFollower(OrdersView(), store, page_size=100)
+    following = asyncio.create_task(follower.follow(poll_s=60))
+    try:
+        await asyncio.sleep(0.5)
+        assert database_switch.terminate("LISTEN orders_events") == 1
+        await other_writer.write_batch(accepted(3), [])
+
+        async def caught_up() -> bool:
+            return len(follower.view) == 3
+
+        await eventually(caught_up, "the view caught up after the LISTEN connection died", 20)
+    finally:
+        following.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await following
+
+
+async def test_lag_is_measured_against_the_log_head(
+    store: PostgresEventStore, other_writer: PostgresEventStore
+) -> None:
+    follower = ViewFollower(OrdersView(), store, page_size=100)
+    await other_writer.write_batch(accepted(4), [])
+    follower.head = await store.head()
+    assert follower.lag == follower.head > 0
+    await follower.catch_up()
+    assert follower.lag == 0

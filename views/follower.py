@@ -1,0 +1,91 @@
+"""Keeping the view on the log: the one path by which committed events reach the view.
+
+Boot replay, the agent's own commits and other workers' commits all go through here, under
+one lock, so the view only ever moves forward through the log in seq order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Final
+
+from streams.store import BatchResult, EventStore, Listener, StoreUnavailable
+from views.view import OrdersView, RestoreStats, restore
+
+log = logging.getLogger(__name__)
+
+_RETRY_MAX_S: Final = 5.0
+
+
+class ViewFollower:
+    """Moves the view along the log: at boot, after each local commit, and when told of others'.
+
+    Other workers' commits arrive as PostgreSQL notifications; a poll every ``poll_s`` covers
+    notifications lost with a dropped LISTEN connection.
+    """
+
+    def __init__(self, view: OrdersView, store: EventStore, page_size: int) -> None:
+        self.view = view
+        self.store = store
+        self.page_size = page_size
+        self.head = 0  # the last seq known to be in the log
+        self._lock = asyncio.Lock()
+
+    @property
+    def lag(self) -> int:
+        """How many seqs the view is behind the last known head of the log."""
+        return max(0, self.head - self.view.last_seq)
+
+    async def catch_up(self, on_page: Callable[[int], None] | None = None) -> RestoreStats:
+        """Read the log from the view's position to its end into the view."""
+        async with self._lock:
+            stats = await restore(self.view, self.store, self.page_size, on_page)
+        self.head = max(self.head, stats.last_seq)
+        return stats
+
+    async def apply(self, result: BatchResult) -> None:
+        """Project a batch this worker just committed.
+
+        When the log held nothing the view lacks just before the batch, its events go in as
+        they are; otherwise another writer's events come first, read from the log.
+        """
+        if not result.stored:
+            return
+        async with self._lock:
+            if self.view.last_seq < result.previous_seq:
+                await restore(self.view, self.store, self.page_size)
+            self.view.project(result.stored)
+        self.head = max(self.head, result.stored[-1].seq)
+
+    async def follow(self, poll_s: float) -> None:
+        """Until cancelled: catch up on every notification, and at least every ``poll_s``."""
+        delay = 0.5
+        listener: Listener | None = None
+        try:
+            while True:
+                try:
+                    announced: int | None = None
+                    if listener is None:
+                        listener = await self.store.listen()
+                        log.info("following orders_events: LISTEN, and a poll every %.1f s", poll_s)
+                        delay = 0.5
+                        # Whatever was committed while nobody listened is read right away.
+                    else:
+                        announced = await listener.next_head(poll_s)
+                    if announced is None:
+                        announced = await self.store.head()
+                    self.head = max(self.head, announced)
+                    if self.lag:
+                        await self.catch_up()
+                except StoreUnavailable as exc:
+                    if listener is not None:
+                        await listener.close()
+                        listener = None
+                    log.warning("following the log paused, retrying in %.1f s: %s", delay, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, _RETRY_MAX_S)
+        finally:
+            if listener is not None:
+                await listener.close()
