@@ -6,11 +6,13 @@ and tables; orders reach the agent through an in-memory channel fed by the NATS 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import Iterable
 
 import faust
+import uvloop
 from faust.app.base import BootStrategy
 from mode import ServiceT
 
@@ -22,6 +24,7 @@ from streams.logs import logging_config
 from streams.metrics import Metrics
 from streams.monitor import LeanMonitor
 from streams.runtime import Runtime
+from streams.web_driver import Web
 from views.view import OrdersView
 from views.web import install_routes
 
@@ -64,6 +67,10 @@ class OrdersApp(faust.App):
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         await super().on_first_start()
 
+    def _new_web(self) -> faust.web.Web:
+        # Faust's factory for its web driver: ours skips aiohttp_cors when no CORS is configured.
+        return Web(self)
+
     def on_init_dependencies(self) -> Iterable[ServiceT]:
         # The runtime goes last so it starts after the web server and the agent and stops first.
         return [*super().on_init_dependencies(), self.runtime]
@@ -95,10 +102,14 @@ def create_app(settings: Settings) -> OrdersApp:
 
 def _app_from_environment() -> OrdersApp:
     try:
-        return create_app(Settings.from_env())
+        settings = Settings.from_env()
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if settings.event_loop == "uvloop":
+        # Before the worker creates its loop. faust's own -L option is accepted but unused.
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return create_app(settings)
 
 
 app = _app_from_environment()

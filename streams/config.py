@@ -43,6 +43,7 @@ class Settings:
     consume: ``False`` makes a read replica: it follows the log and serves, never consumes.
     follow_poll_s: how often the view checks the log for commits it was not told of.
     ready_max_lag: /readyz answers 503 while the view is more events behind the log than this.
+    event_loop: ``uvloop`` (default) or ``asyncio``, the worker's event loop.
     """
 
     database_url: str | None = None
@@ -63,6 +64,7 @@ class Settings:
     consume: bool = True
     follow_poll_s: float = 1.0
     ready_max_lag: int = 10_000
+    event_loop: str = "uvloop"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -94,6 +96,9 @@ class Settings:
             log_uids_max=_int(env, "ORDERS_LOG_UIDS_MAX", defaults.log_uids_max, 0, 100_000),
             log_format=_choice(env, "ORDERS_LOG_FORMAT", defaults.log_format, ("text", "json")),
             consume=_bool(env, "ORDERS_CONSUME", defaults.consume),
+            event_loop=_choice(
+                env, "ORDERS_EVENT_LOOP", defaults.event_loop, ("uvloop", "asyncio")
+            ),
             follow_poll_s=_float(env, "ORDERS_FOLLOW_POLL_S", defaults.follow_poll_s, 0.05, 3600.0),
             ready_max_lag=_int(
                 env, "ORDERS_READY_MAX_LAG", defaults.ready_max_lag, 0, 1_000_000_000

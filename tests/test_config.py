@@ -34,6 +34,10 @@ def test_every_variable_is_read() -> None:
             "ORDERS_NATS_MAX_ACK_PENDING": "77",
             "ORDERS_LOG_UIDS_MAX": "0",
             "ORDERS_LOG_FORMAT": "JSON",
+            "ORDERS_CONSUME": "no",
+            "ORDERS_FOLLOW_POLL_S": "0.5",
+            "ORDERS_READY_MAX_LAG": "5",
+            "ORDERS_EVENT_LOOP": "asyncio",
         }
     )
     assert settings == Settings(
@@ -52,6 +56,10 @@ def test_every_variable_is_read() -> None:
         nats_max_ack_pending=77,
         log_uids_max=0,
         log_format="json",
+        consume=False,
+        follow_poll_s=0.5,
+        ready_max_lag=5,
+        event_loop="asyncio",
     )
 
 
@@ -65,6 +73,8 @@ def test_every_variable_is_read() -> None:
         ("ORDERS_NATS_SUBJECT", "orders..x", "expected a NATS subject"),
         ("ORDERS_NATS_DURABLE", "x" * 65, "expected 1 to 64 letters"),
         ("ORDERS_LOG_FORMAT", "xml", "ORDERS_LOG_FORMAT='xml': expected one of text, json"),
+        ("ORDERS_CONSUME", "maybe", "ORDERS_CONSUME='maybe': expected true or false"),
+        ("ORDERS_EVENT_LOOP", "trio", "expected one of uvloop, asyncio"),
     ],
 )
 def test_bad_value_names_the_variable(variable: str, value: str, message: str) -> None:
