@@ -44,6 +44,8 @@ class Settings:
     follow_poll_s: how often the view checks the log for commits it was not told of.
     ready_max_lag: /readyz answers 503 while the view is more events behind the log than this.
     event_loop: ``uvloop`` (default) or ``asyncio``, the worker's event loop.
+    apply_schema: create the tables at start; ``False`` for a role that may only SELECT and
+        INSERT, the schema being applied by its owner (init-db/).
     """
 
     database_url: str | None = None
@@ -65,6 +67,7 @@ class Settings:
     follow_poll_s: float = 1.0
     ready_max_lag: int = 10_000
     event_loop: str = "uvloop"
+    apply_schema: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -96,6 +99,7 @@ class Settings:
             log_uids_max=_int(env, "ORDERS_LOG_UIDS_MAX", defaults.log_uids_max, 0, 100_000),
             log_format=_choice(env, "ORDERS_LOG_FORMAT", defaults.log_format, ("text", "json")),
             consume=_bool(env, "ORDERS_CONSUME", defaults.consume),
+            apply_schema=_bool(env, "ORDERS_APPLY_SCHEMA", defaults.apply_schema),
             event_loop=_choice(
                 env, "ORDERS_EVENT_LOOP", defaults.event_loop, ("uvloop", "asyncio")
             ),

@@ -35,12 +35,14 @@ async def resolve_database_url(settings: Settings) -> str:
     return url
 
 
-async def open_store(url: str, should_stop: Callable[[], bool]) -> PostgresEventStore | None:
+async def open_store(
+    url: str, should_stop: Callable[[], bool], *, apply_schema: bool = True
+) -> PostgresEventStore | None:
     """Open the store, waiting for the database as long as it takes; ``None`` if stopped first."""
     delay = 0.5
     while not should_stop():
         try:
-            return await PostgresEventStore.open(url)
+            return await PostgresEventStore.open(url, apply_schema=apply_schema)
         except StoreUnavailable as exc:
             log.warning("database not reachable, retrying in %.1f s: %s", delay, exc)
             await asyncio.sleep(delay)
@@ -83,7 +85,9 @@ class Runtime(Service):
     async def on_start(self) -> None:
         self._resume_flow()
         url = await resolve_database_url(self.settings)
-        self.store = await open_store(url, lambda: self.should_stop)
+        self.store = await open_store(
+            url, lambda: self.should_stop, apply_schema=self.settings.apply_schema
+        )
         if self.store is None:
             return
         self.follower = ViewFollower(self.view, self.store, self.settings.replay_page_size)

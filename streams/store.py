@@ -55,6 +55,10 @@ class StoreUnavailable(Exception):
     """The database could not be reached or lost the connection: the batch may be retried."""
 
 
+class SchemaMissing(Exception):
+    """The tables are not there, and the service was told not to create them."""
+
+
 class RefusedByDatabase(Exception):
     """The database refused the data itself: retrying the same batch would fail again."""
 
@@ -73,11 +77,14 @@ class EventStore(Protocol):
     async def listen(self) -> Listener: ...
 
 
-# EXCLUSIVE mode lets readers in but serialises writers until commit. Without it two
+# Writers take this lock until commit; readers never wait for it. Without it two
 # transactions could take seq 7 and 8, 8 could commit first, and a reader tailing the log
-# (seq > last) could pass 7 before it becomes visible and never see it.
-_APPEND: Final = """
-LOCK TABLE orders_events IN EXCLUSIVE MODE;
+# (seq > last) could pass 7 before it becomes visible and never see it. An advisory lock
+# rather than LOCK TABLE ... IN EXCLUSIVE MODE, because that mode needs UPDATE or DELETE
+# rights on the table, which the service's role does not have.
+_APPEND_LOCK_KEY: Final = 0x0DE26
+_APPEND: Final = f"""
+SELECT pg_advisory_xact_lock({_APPEND_LOCK_KEY});
 INSERT INTO orders_events (order_uid, event_type, payload)
 SELECT uid, %s, payload::jsonb
   FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS batch(uid, payload, position)
@@ -126,8 +133,11 @@ class PostgresEventStore:
         self._dsn = dsn
 
     @classmethod
-    async def open(cls, dsn: str, *, maxsize: int = 4, timeout: float = 10.0) -> PostgresEventStore:
-        """Connect, apply the schema, and return the store. Raises StoreUnavailable."""
+    async def open(
+        cls, dsn: str, *, apply_schema: bool = True, maxsize: int = 4, timeout: float = 10.0
+    ) -> PostgresEventStore:
+        """Connect, apply the schema (or, with ``apply_schema=False``, check that it is there),
+        and return the store. Raises StoreUnavailable, or SchemaMissing."""
         try:
             pool = await aiopg.create_pool(
                 dsn,
@@ -142,7 +152,7 @@ class PostgresEventStore:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
         store = cls(pool, dsn)
         try:
-            await store.apply_schema()
+            await (store.apply_schema() if apply_schema else store.check_schema())
         except BaseException:
             await store.close()
             raise
@@ -152,6 +162,22 @@ class PostgresEventStore:
         """Close every connection of the pool."""
         self._pool.close()
         await self._pool.wait_closed()
+
+    async def check_schema(self) -> None:
+        """Fail clearly when the tables are missing or out of reach of this role."""
+        for table in ("orders_events", "orders_dead_letters"):
+            async with self._cursor() as cur:
+                await cur.execute(
+                    "SELECT to_regclass(%s) IS NOT NULL"
+                    " AND has_table_privilege(%s, 'SELECT, INSERT')",
+                    (table, table),
+                )
+                row = await cur.fetchone()
+            if not row[0]:
+                raise SchemaMissing(
+                    f"table {table} is missing or this role may not SELECT and INSERT on it:"
+                    " apply init-db/*.sql as its owner, or set ORDERS_APPLY_SCHEMA=true"
+                )
 
     async def apply_schema(self) -> None:
         """Create the tables if missing; safe when several workers start at once."""

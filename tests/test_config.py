@@ -38,6 +38,7 @@ def test_every_variable_is_read() -> None:
             "ORDERS_FOLLOW_POLL_S": "0.5",
             "ORDERS_READY_MAX_LAG": "5",
             "ORDERS_EVENT_LOOP": "asyncio",
+            "ORDERS_APPLY_SCHEMA": "false",
         }
     )
     assert settings == Settings(
@@ -60,6 +61,7 @@ def test_every_variable_is_read() -> None:
         follow_poll_s=0.5,
         ready_max_lag=5,
         event_loop="asyncio",
+        apply_schema=False,
     )
 
 

@@ -35,7 +35,7 @@ def install_routes(
     registry: CollectorRegistry,
 ) -> None:
     """Register the routes: ``/orders/{uid}``, the page (``/``, ``/app.js``, ``/app.css``),
-    ``/metrics``, ``/healthz`` and ``/readyz``."""
+    ``/openapi.json``, ``/metrics``, ``/healthz`` and ``/readyz``."""
     index_html = _static("index.html").decode("utf-8")
 
     @app.page("/orders/{uid}", name="order")
@@ -58,6 +58,7 @@ def install_routes(
 
     _asset(app, "/app.js", _static("app.js"), "text/javascript")
     _asset(app, "/app.css", _static("app.css"), "text/css")
+    _asset(app, "/openapi.json", _static("openapi.json"), "application/json")
 
     @app.page("/metrics", name="metrics")
     async def metrics(self: View, request: Request) -> Response:
