@@ -68,8 +68,12 @@ class BatchProcessor:
             for envelope in batch:
                 envelope.settle(Outcome.FAILED)
             return
-        for result in results:
-            await self.follower.apply(result)
+        try:
+            for result in results:
+                await self.follower.apply(result)
+        except Exception:
+            # Committed is committed: settle (and so ack) even if the view must catch up later.
+            log.exception("projecting a committed batch failed; the view catches up from the log")
         stored_uids = {event.order_uid for result in results for event in result.stored}
         for envelope, order in orders:
             if id(envelope) in outcomes:

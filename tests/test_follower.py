@@ -113,3 +113,22 @@ async def test_lag_is_measured_against_the_log_head(
     assert follower.lag == follower.head > 0
     await follower.catch_up()
     assert follower.lag == 0
+
+
+async def test_projection_that_cannot_read_the_log_leaves_the_view_behind_not_broken(
+    store: PostgresEventStore, other_writer: PostgresEventStore, database_switch: DatabaseSwitch
+) -> None:
+    """Committed, but the database goes away before the gap to another writer's events is
+    read: apply() does not raise (the batch is still settled and acked), the view stays
+    behind with the lag visible, and the next catch-up brings everything in order."""
+    follower = ViewFollower(OrdersView(), store, page_size=100)
+    await other_writer.write_batch(accepted(2), [])
+    ours = await store.write_batch(accepted(3), [])
+    database_switch.refuse()
+    await follower.apply(ours)
+    assert len(follower.view) == 0
+    assert follower.lag == ours.stored[-1].seq
+    database_switch.allow()
+    await follower.catch_up()
+    assert list(follower.view) == await log_uids(store)
+    assert follower.lag == 0

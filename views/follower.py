@@ -49,15 +49,21 @@ class ViewFollower:
         """Project a batch this worker just committed.
 
         When the log held nothing the view lacks just before the batch, its events go in as
-        they are; otherwise another writer's events come first, read from the log.
+        they are; otherwise another writer's events come first, read from the log. If that
+        read fails, the view waits for the next poll of :meth:`follow`, which sees the lag:
+        the batch is committed all the same, and never held up by its projection.
         """
         if not result.stored:
             return
+        self.head = max(self.head, result.stored[-1].seq)
         async with self._lock:
             if self.view.last_seq < result.previous_seq:
-                await restore(self.view, self.store, self.page_size)
+                try:
+                    await restore(self.view, self.store, self.page_size)
+                except StoreUnavailable as exc:
+                    log.warning("view behind the log until the database answers: %s", exc)
+                    return
             self.view.project(result.stored)
-        self.head = max(self.head, result.stored[-1].seq)
 
     async def follow(self, poll_s: float) -> None:
         """Until cancelled: catch up on every notification, and at least every ``poll_s``."""
