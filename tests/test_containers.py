@@ -440,8 +440,16 @@ def test_compose_configures_the_service_and_the_tests_with_valid_settings() -> N
     app = Settings.from_env({**runtime, **environment(services["app"])})
     assert (app.web_host, app.data_dir) == ("0.0.0.0", Path("/var/lib/orders"))
     assert stages[RUNTIME].last("EXPOSE").text == str(app.web_port)
-    published = [interpolate(str(p)) for p in services["app"]["ports"]]
-    assert published == [f"8080:{app.web_port}"]
+    assert "ports" not in services["app"], "replicas of app cannot share a host port"
+    assert [str(port) for port in services["app"]["expose"]] == [str(app.web_port)]
+    proxy = services["proxy"]
+    assert [interpolate(str(port)) for port in proxy["ports"]] == ["8080:8080"]
+    assert proxy["depends_on"]["app"] == {"condition": "service_healthy"}
+    source, target, _ = proxy["volumes"][0].split(":")
+    conf = (COMPOSE.parent / source).read_text(encoding="utf-8")
+    assert target == "/etc/nginx/nginx.conf"
+    assert re.search(r"listen 8080;", conf)
+    assert f"http://app:{app.web_port}" in conf, "the proxy forwards to the app replicas"
     assert app.database_url == postgres_url(services["postgres"])
     assert app.nats_url == "nats://nats:4222"
     tests = environment(services["test"])
