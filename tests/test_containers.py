@@ -365,7 +365,8 @@ def services_named(section: str) -> set[str]:
         if subcommand in ("run", "exec") and arguments:
             named.add(arguments[0])
         elif subcommand in ("restart", "logs", "stop", "start", "up", "build", "ps"):
-            named.update(arguments)
+            # "--scale app=3" leaves "app=3" among the arguments: it names app.
+            named.update(argument.split("=", 1)[0] for argument in arguments)
     return named
 
 
