@@ -177,3 +177,30 @@ async def test_database_outage_holds_acks_until_the_orders_are_committed(
         assert "database unavailable, batch of" in worker.log()
     stored = await event_uids(store)
     assert len(stored) == len(set(stored)) == 400
+
+
+async def test_sigterm_mid_run_commits_and_acks_the_batches_in_hand(
+    tmp_path: Path, database_url: str, route: Route, store: PostgresEventStore
+) -> None:
+    """A graceful stop in the middle of a run: fetching stops, what was fetched is committed
+    and acked, so nothing is left pending on the consumer; a restart takes the rest."""
+    batch = orders(5_000, seed=61)
+    worker = Worker(tmp_path, **route.env(database_url))
+    with worker:
+        await worker.wait_ready()
+        sending = asyncio.create_task(route.send(batch))
+
+        async def under_way() -> bool:
+            return await view_size(worker) >= 500
+
+        await eventually(under_way, "500 orders consumed")
+        assert worker.stop() == 0
+        await sending
+        _, pending = await route.ack_floor_and_pending()
+        assert pending == 0, "every message handed to the stopped worker was acked"
+        assert "NATS bridge stopped" in worker.log()
+        assert "not committed at shutdown" not in worker.log()
+        with worker.start():
+            await wait_for_orders(worker, len(batch))
+    stored = await event_uids(store)
+    assert len(stored) == len(set(stored)) == len(batch)
