@@ -48,7 +48,7 @@ class OrdersApp(faust.App):
         metrics = Metrics()
         super().__init__(
             "orders",
-            monitor=LeanMonitor(metrics.http),
+            monitor=LeanMonitor(metrics.http if settings.http_metrics else None),
             web_host=settings.web_host,
             web_bind=settings.web_host,
             web_port=settings.web_port,

@@ -18,10 +18,14 @@ from faust.web import Request, Response, View
 from streams.metrics import HttpMetrics
 
 
-class LeanMonitor(Monitor):
-    """Monitor without per-event state, counting HTTP requests into :class:`HttpMetrics`."""
+_NOTHING: dict[str, Any] = {}  # shared and never written: no allocation per request
 
-    def __init__(self, http: HttpMetrics, **kwargs: Any) -> None:
+
+class LeanMonitor(Monitor):
+    """Monitor without per-event state, counting HTTP requests into :class:`HttpMetrics`
+    (or not at all with ``http=None``)."""
+
+    def __init__(self, http: HttpMetrics | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._http = http
 
@@ -43,7 +47,7 @@ class LeanMonitor(Monitor):
     def on_web_request_start(
         self, app: AppT, request: Request, *, view: View | None = None
     ) -> dict[str, Any]:
-        return {"started": time.perf_counter()}
+        return {"started": time.perf_counter()} if self._http is not None else _NOTHING
 
     def on_web_request_end(
         self,
@@ -54,6 +58,8 @@ class LeanMonitor(Monitor):
         *,
         view: View | None = None,
     ) -> None:
+        if self._http is None:
+            return
         route = view.view_name if view is not None else "unknown"
         status = response.status if response is not None else 500
         self._http.observe(route, status, time.perf_counter() - state["started"])

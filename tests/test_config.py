@@ -39,6 +39,7 @@ def test_every_variable_is_read() -> None:
             "ORDERS_READY_MAX_LAG": "5",
             "ORDERS_EVENT_LOOP": "asyncio",
             "ORDERS_APPLY_SCHEMA": "false",
+            "ORDERS_HTTP_METRICS": "off",
         }
     )
     assert settings == Settings(
@@ -62,6 +63,7 @@ def test_every_variable_is_read() -> None:
         ready_max_lag=5,
         event_loop="asyncio",
         apply_schema=False,
+        http_metrics=False,
     )
 
 
