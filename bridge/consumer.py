@@ -147,29 +147,26 @@ class NatsBridge:
             if not messages:
                 self._slots.release()
                 continue
-            envelopes = self._envelopes(messages)
-            for envelope in envelopes:
-                await self._submit(envelope)
-            task = asyncio.create_task(self._ack_when_settled(messages, envelopes))
+            envelope = Envelope([msg.data for msg in messages], self._sources(messages))
+            await self._submit(envelope)
+            task = asyncio.create_task(self._ack_when_settled(messages, envelope))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
-    async def _ack_when_settled(self, messages: list[Msg], envelopes: list[Envelope]) -> None:
+    async def _ack_when_settled(self, messages: list[Msg], envelope: Envelope) -> None:
         try:
-            waiting = [envelope.settled for envelope in envelopes]
             # A batch held up by the database keeps its messages: tell JetStream we are still
             # on them, rather than let ack_wait expire and have them redelivered meanwhile.
             keep_alive = self.settings.nats_ack_wait_s / 2
             while True:
-                _, pending = await asyncio.wait(waiting, timeout=keep_alive)
-                if not pending:
+                try:
+                    outcomes = await asyncio.wait_for(asyncio.shield(envelope.settled), keep_alive)
                     break
-                for msg, envelope in zip(messages, envelopes, strict=True):
-                    if not envelope.settled.done():
+                except TimeoutError:
+                    for msg in messages:
                         with contextlib.suppress(*_NATS_ERRORS):
                             await msg.in_progress()
-            for msg, envelope in zip(messages, envelopes, strict=True):
-                outcome = envelope.settled.result()
+            for msg, outcome in zip(messages, outcomes, strict=True):
                 with contextlib.suppress(*_NATS_ERRORS):
                     # An ack that cannot be sent is not lost work: the message comes back,
                     # and its uid is already in the log.
@@ -200,18 +197,15 @@ class NatsBridge:
         await ensure_consumer(js, self.settings)
         return js
 
-    def _envelopes(self, messages: list[Msg]) -> list[Envelope]:
+    def _sources(self, messages: list[Msg]) -> Callable[[int], str]:
+        """Names each message by its stream sequence, parsed only for the few that are
+        dead-lettered (a source keeps a redelivered reject from being kept twice)."""
         prefix = f"nats:{self.settings.nats_stream}:"
-        envelopes = []
-        redelivered = 0
-        for msg in messages:
-            metadata = msg.metadata
-            if (metadata.num_delivered or 1) > 1:
-                redelivered += 1
-            envelopes.append(Envelope(msg.data, f"{prefix}{metadata.sequence.stream}"))
-        if redelivered:
-            self.metrics.redeliveries.inc(redelivered)
-        return envelopes
+
+        def source(index: int) -> str:
+            return f"{prefix}{messages[index].metadata.sequence.stream}"
+
+        return source
 
     async def _poll_consumer(self) -> None:
         """Keep the consumer's backlog gauges fresh; once per interval, never per message."""
@@ -228,6 +222,7 @@ class NatsBridge:
                 continue
             self.metrics.consumer_pending.set(info.num_pending or 0)
             self.metrics.consumer_ack_pending.set(info.num_ack_pending or 0)
+            self.metrics.consumer_redelivered.set(info.num_redelivered or 0)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -20,8 +20,10 @@ _FIRST_RETRY_S: Final = 0.1
 _LAST_RETRY_S: Final = 5.0
 _SUMMARY_EVERY_S: Final = 5.0
 
-_Order = tuple[Envelope, Accepted]
-_Reject = tuple[Envelope, DeadLetter]
+# Where a message sits in a batch: (envelope, message) indexes.
+_Position = tuple[int, int]
+_Order = tuple[_Position, Accepted]
+_Reject = tuple[_Position, DeadLetter]
 
 
 class BatchProcessor:
@@ -51,43 +53,55 @@ class BatchProcessor:
         started = time.perf_counter()
         orders: list[_Order] = []
         rejects: list[_Reject] = []
-        for envelope in batch:
-            verdict = validate(envelope.raw)
-            if isinstance(verdict, Accepted):
-                orders.append((envelope, verdict))
-            else:
-                rejects.append(
-                    (envelope, DeadLetter(envelope.raw, verdict.reason, envelope.source))
-                )
-        outcomes: dict[int, Outcome] = {}
-        try:
-            results = await self._commit(orders, rejects, outcomes)
-        except Exception:
-            # A bug, not the data and not the database: keep the stream moving and redeliver.
-            log.exception("batch of %d messages failed; they will be redelivered", len(batch))
-            for envelope in batch:
-                envelope.settle(Outcome.FAILED)
-            return
-        try:
-            for result in results:
-                await self.follower.apply(result)
-        except Exception:
-            # Committed is committed: settle (and so ack) even if the view must catch up later.
-            log.exception("projecting a committed batch failed; the view catches up from the log")
-        stored_uids = {event.order_uid for result in results for event in result.stored}
-        for envelope, order in orders:
-            if id(envelope) in outcomes:
-                continue
-            if order.order_uid in stored_uids:
-                stored_uids.discard(order.order_uid)
-                outcomes[id(envelope)] = Outcome.STORED
-            else:
-                outcomes[id(envelope)] = Outcome.DUPLICATE
-        for envelope in batch:
-            envelope.settle(outcomes.get(id(envelope), Outcome.REJECTED))
+        for envelope_index, envelope in enumerate(batch):
+            for index, raw in enumerate(envelope.raws):
+                verdict = validate(raw)
+                if isinstance(verdict, Accepted):
+                    orders.append(((envelope_index, index), verdict))
+                else:
+                    letter = DeadLetter(raw, verdict.reason, envelope.source(index))
+                    rejects.append(((envelope_index, index), letter))
+        refused: set[_Position] = set()
+        async with self.follower.committing():
+            try:
+                results = await self._commit(orders, rejects, refused, batch)
+            except Exception:
+                # A bug, not the data nor the database: keep the stream moving, redeliver.
+                log.exception("batch of %d envelopes failed; they will be redelivered", len(batch))
+                for envelope in batch:
+                    envelope.fail()
+                return
+            try:
+                for result in results:
+                    await self.follower.apply(result)
+            except Exception:
+                # Committed is committed: settle (and ack) even if the view catches up later.
+                log.exception("projecting a committed batch failed; the view catches up later")
+        self._settle(batch, orders, refused, results)
         seconds = time.perf_counter() - started
         self._activity.batch(results, seconds)
-        self._count(len(batch), results, seconds)
+        self._count(sum(len(envelope.raws) for envelope in batch), results, seconds)
+
+    @staticmethod
+    def _settle(
+        batch: Sequence[Envelope],
+        orders: list[_Order],
+        refused: set[_Position],
+        results: list[BatchResult],
+    ) -> None:
+        outcomes = [[Outcome.REJECTED] * len(envelope.raws) for envelope in batch]
+        stored_uids = {event.order_uid for result in results for event in result.stored}
+        for (envelope_index, index), order in orders:
+            if (envelope_index, index) in refused:
+                continue
+            if order.order_uid in stored_uids:
+                # The first message with a new uid stored it; later ones in the batch repeat it.
+                stored_uids.discard(order.order_uid)
+                outcomes[envelope_index][index] = Outcome.STORED
+            else:
+                outcomes[envelope_index][index] = Outcome.DUPLICATE
+        for envelope, envelope_outcomes in zip(batch, outcomes, strict=True):
+            envelope.settle(envelope_outcomes)
 
     def _count(self, received: int, results: list[BatchResult], seconds: float) -> None:
         metrics = self.metrics
@@ -107,7 +121,11 @@ class BatchProcessor:
             metrics.dead_lettered.labels(kind).inc(count)
 
     async def _commit(
-        self, orders: list[_Order], rejects: list[_Reject], outcomes: dict[int, Outcome]
+        self,
+        orders: list[_Order],
+        rejects: list[_Reject],
+        refused: set[_Position],
+        batch: Sequence[Envelope],
     ) -> list[BatchResult]:
         try:
             return [await self._write_retrying(orders, rejects)]
@@ -117,15 +135,14 @@ class BatchProcessor:
                 # them one by one so that only the culprit is dead-lettered.
                 results = [await self._write_retrying([], rejects)] if rejects else []
                 for single in orders:
-                    results.extend(await self._commit([single], [], outcomes))
+                    results.extend(await self._commit([single], [], refused, batch))
                 return results
             if len(orders) == 1:
-                envelope, order = orders[0]
-                outcomes[id(envelope)] = Outcome.REJECTED
-                refused = DeadLetter(
-                    order.payload, f"refused by PostgreSQL: {refusal}", envelope.source
-                )
-                return await self._commit([], [*rejects, (envelope, refused)], outcomes)
+                position, order = orders[0]
+                refused.add(position)
+                source = batch[position[0]].source(position[1])
+                letter = DeadLetter(order.payload, f"refused by PostgreSQL: {refusal}", source)
+                return await self._commit([], [*rejects, (position, letter)], refused, batch)
             raise
 
     async def _write_retrying(self, orders: list[_Order], rejects: list[_Reject]) -> BatchResult:

@@ -80,6 +80,11 @@ class OrdersApp(faust.App):
         await self.orders_channel.send(value=envelope)
 
 
+# Each envelope holds one fetch (up to ORDERS_BATCH_SIZE messages); the agent commits the
+# envelopes that queued up while it was busy together, a few at most.
+_ENVELOPES_PER_BATCH = 4
+
+
 def create_app(settings: Settings) -> OrdersApp:
     """Build the app with its agent, web views and commands."""
     app = OrdersApp(settings)
@@ -88,7 +93,7 @@ def create_app(settings: Settings) -> OrdersApp:
     @app.agent(app.orders_channel, name="orders-ingest")
     async def ingest(stream: faust.StreamT[Envelope]) -> None:
         # Messages only arrive once the runtime has restored the view and started the bridge.
-        async for batch in stream.take(settings.batch_size, within=within):
+        async for batch in stream.take(_ENVELOPES_PER_BATCH, within=within):
             processor = app.runtime.processor
             assert processor is not None, "the inflow starts only after the processor exists"
             await processor.process(batch)

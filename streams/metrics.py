@@ -111,9 +111,9 @@ class Metrics:
             "Batch writes retried after a database error",
             registry=registry,
         )
-        self.redeliveries = Counter(
-            "orders_nats_redeliveries",
-            "Messages JetStream delivered more than once",
+        self.consumer_redelivered = Gauge(
+            "orders_nats_consumer_redelivered",
+            "Messages the consumer has delivered more than once and not yet acked (polled)",
             registry=registry,
         )
         self.nats_connected = Gauge(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib.resources
+import uuid
 from collections.abc import Sequence
 from typing import Final, Protocol
 
@@ -131,6 +132,9 @@ class PostgresEventStore:
     def __init__(self, pool: aiopg.Pool, dsn: str) -> None:
         self._pool = pool
         self._dsn = dsn
+        # Names this store's commits in its notifications ("<seq> <writer>"), so that its own
+        # follower can leave them to the agent, which projects them without reading them back.
+        self.writer_id = uuid.uuid4().hex[:12]
 
     @classmethod
     async def open(
@@ -216,7 +220,8 @@ class PostgresEventStore:
                 stored.sort(key=_by_seq)
             if stored:
                 # Delivered on commit; followers then read the tail of the log.
-                await cur.execute(_NOTIFY, (NOTIFY_CHANNEL, str(stored[-1].seq)))
+                notice = f"{stored[-1].seq} {self.writer_id}"
+                await cur.execute(_NOTIFY, (NOTIFY_CHANNEL, notice))
             if duplicates:
                 await cur.execute(
                     _CONFLICTS,
@@ -264,7 +269,7 @@ class PostgresEventStore:
             )
         except (psycopg2.Error, OSError, TimeoutError) as exc:
             raise _translate(exc) from exc
-        listener = Listener(conn)
+        listener = Listener(conn, self.writer_id)
         try:
             async with conn.cursor() as cur:
                 await cur.execute(f"LISTEN {NOTIFY_CHANNEL}")
@@ -289,23 +294,30 @@ class PostgresEventStore:
 class Listener:
     """Notifications of new events, from a LISTEN connection."""
 
-    def __init__(self, conn: aiopg.Connection) -> None:
+    def __init__(self, conn: aiopg.Connection, own_writer: str) -> None:
         self._conn = conn
+        self._own_writer = own_writer
 
     async def next_head(self, timeout: float) -> int | None:
-        """The seq announced by the next commit, or ``None`` if none came within ``timeout``.
+        """The seq announced by the next commit of another writer, or ``None`` if none came
+        within ``timeout``. This store's own commits are left out: its agent projects them.
 
         Raises StoreUnavailable when the connection is lost.
         """
-        try:
-            notice = await asyncio.wait_for(self._conn.notifies.get(), timeout)
-        except TimeoutError:
-            if self._conn.closed:
-                raise StoreUnavailable("the LISTEN connection is closed") from None
-            return None
-        except (psycopg2.Error, OSError) as exc:
-            raise _translate(exc) from exc
-        return int(notice.payload) if notice.payload.isdigit() else None
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                notice = await asyncio.wait_for(self._conn.notifies.get(), max(remaining, 0))
+            except TimeoutError:
+                if self._conn.closed:
+                    raise StoreUnavailable("the LISTEN connection is closed") from None
+                return None
+            except (psycopg2.Error, OSError) as exc:
+                raise _translate(exc) from exc
+            seq, _, writer = notice.payload.partition(" ")
+            if writer != self._own_writer and seq.isdigit():
+                return int(seq)
 
     async def close(self) -> None:
         """Close the connection."""

@@ -16,11 +16,23 @@ from views.view import OrdersView
 
 
 def envelopes(*raws: bytes) -> list[Envelope]:
-    return [Envelope(raw, source=f"test:{index}") for index, raw in enumerate(raws)]
+    """The messages in envelopes of two (as from fetches of two), message i named test:i."""
+
+    def sourced(start: int) -> Envelope:
+        return Envelope(raws[start : start + 2], lambda index: f"test:{start + index}")
+
+    return [sourced(start) for start in range(0, len(raws), 2)]
 
 
 def outcomes(batch: list[Envelope]) -> list[Outcome | None]:
-    return [envelope.settled.result() if envelope.settled.done() else None for envelope in batch]
+    """Each message's outcome in order, None for a message not settled yet."""
+    return [
+        outcome
+        for envelope in batch
+        for outcome in (
+            envelope.settled.result() if envelope.settled.done() else [None] * len(envelope.raws)
+        )
+    ]
 
 
 async def dead_letters(store: PostgresEventStore) -> list[tuple[str, str]]:

@@ -7,13 +7,21 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from streams.store import PostgresEventStore
+from streams.store import BatchResult, PostgresEventStore
 from streams.validation import Accepted
 from tests.database import DatabaseSwitch
 from tests.orders import new_uid, order_bytes
 from tests.worker import eventually
 from views.follower import ViewFollower
 from views.view import OrdersView
+
+
+async def commit(follower: ViewFollower, store: PostgresEventStore, count: int) -> BatchResult:
+    """Write ``count`` new orders and apply them, as the agent does."""
+    async with follower.committing():
+        result = await store.write_batch(accepted(count), [])
+        await follower.apply(result)
+    return result
 
 
 def accepted(count: int) -> list[Accepted]:
@@ -41,11 +49,10 @@ async def test_own_commit_after_another_writer_brings_both_in_log_order(
     """The other writer's events sit between the view and our batch: they are read from the
     log first, so the view never jumps over them."""
     follower = ViewFollower(OrdersView(), store, page_size=3)
-    await follower.apply(await store.write_batch(accepted(2), []))
-    await other_writer.write_batch(accepted(5), [])
-    ours = await store.write_batch(accepted(2), [])
-    assert ours.previous_seq > follower.view.last_seq
-    await follower.apply(ours)
+    await commit(follower, store, 2)
+    theirs = await other_writer.write_batch(accepted(5), [])
+    ours = await commit(follower, store, 2)
+    assert ours.previous_seq == theirs.stored[-1].seq
     assert list(follower.view) == await log_uids(store)
     assert follower.lag == 0
 
@@ -55,9 +62,9 @@ async def test_single_writer_projects_its_batches_without_reading_them_back(
 ) -> None:
     follower = ViewFollower(OrdersView(), store, page_size=10)
     for _ in range(3):
-        result = await store.write_batch(accepted(4), [])
-        assert result.previous_seq == follower.view.last_seq
-        await follower.apply(result)
+        before = follower.view.last_seq
+        result = await commit(follower, store, 4)
+        assert result.previous_seq == before, "nothing came in between: no read back"
     assert list(follower.view) == await log_uids(store)
 
 
@@ -125,10 +132,26 @@ async def test_projection_that_cannot_read_the_log_leaves_the_view_behind_not_br
     await other_writer.write_batch(accepted(2), [])
     ours = await store.write_batch(accepted(3), [])
     database_switch.refuse()
-    await follower.apply(ours)
+    async with follower.committing():
+        await follower.apply(ours)
     assert len(follower.view) == 0
     assert follower.lag == ours.stored[-1].seq
     database_switch.allow()
     await follower.catch_up()
     assert list(follower.view) == await log_uids(store)
     assert follower.lag == 0
+
+
+async def test_own_notifications_are_left_to_the_agent(
+    store: PostgresEventStore, other_writer: PostgresEventStore
+) -> None:
+    """The listener of a store skips the notifications of that store's own commits (its
+    agent projects them as they are) and passes on other writers'."""
+    listener = await store.listen()
+    try:
+        await store.write_batch(accepted(2), [])
+        assert await listener.next_head(0.5) is None
+        theirs = await other_writer.write_batch(accepted(1), [])
+        assert await listener.next_head(5) == theirs.stored[-1].seq
+    finally:
+        await listener.close()

@@ -7,8 +7,9 @@ one lock, so the view only ever moves forward through the log in seq order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 from streams.store import BatchResult, EventStore, Listener, StoreUnavailable
@@ -45,8 +46,15 @@ class ViewFollower:
         self.head = max(self.head, stats.last_seq)
         return stats
 
+    @contextlib.asynccontextmanager
+    async def committing(self) -> AsyncIterator[None]:
+        """Held by the agent from its write until it has applied the result: a catch-up
+        cannot slip in between and project the agent's own rows from the log first."""
+        async with self._lock:
+            yield
+
     async def apply(self, result: BatchResult) -> None:
-        """Project a batch this worker just committed.
+        """Project a batch this worker just committed; call it inside :meth:`committing`.
 
         When the log held nothing the view lacks just before the batch, its events go in as
         they are; otherwise another writer's events come first, read from the log. If that
@@ -55,15 +63,15 @@ class ViewFollower:
         """
         if not result.stored:
             return
+        assert self._lock.locked(), "apply() belongs inside committing()"
         self.head = max(self.head, result.stored[-1].seq)
-        async with self._lock:
-            if self.view.last_seq < result.previous_seq:
-                try:
-                    await restore(self.view, self.store, self.page_size)
-                except StoreUnavailable as exc:
-                    log.warning("view behind the log until the database answers: %s", exc)
-                    return
-            self.view.project(result.stored)
+        if self.view.last_seq < result.previous_seq:
+            try:
+                await restore(self.view, self.store, self.page_size)
+            except StoreUnavailable as exc:
+                log.warning("view behind the log until the database answers: %s", exc)
+                return
+        self.view.project(result.stored)
 
     async def follow(self, poll_s: float) -> None:
         """Until cancelled: catch up on every notification, and at least every ``poll_s``."""
