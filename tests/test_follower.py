@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from streams.store import BatchResult, PostgresEventStore
+from streams.store import BatchResult, Listener, PostgresEventStore, StoreUnavailable
 from streams.validation import Accepted
 from tests.database import DatabaseSwitch
 from tests.orders import new_uid, order_bytes
@@ -155,3 +155,30 @@ async def test_own_notifications_are_left_to_the_agent(
         assert await listener.next_head(5) == theirs.stored[-1].seq
     finally:
         await listener.close()
+
+
+class _HotStandbyStore(PostgresEventStore):
+    """A store on a server that refuses LISTEN, as a hot standby does."""
+
+    async def listen(self) -> Listener:
+        raise StoreUnavailable("cannot execute LISTEN during recovery")
+
+
+async def test_without_listen_the_poll_keeps_the_view_following(
+    database_url: str, other_writer: PostgresEventStore
+) -> None:
+    standby = await _HotStandbyStore.open(database_url)
+    follower = ViewFollower(OrdersView(), standby, page_size=100)
+    following = asyncio.create_task(follower.follow(poll_s=0.2))
+    try:
+        await other_writer.write_batch(accepted(3), [])
+
+        async def caught_up() -> bool:
+            return len(follower.view) == 3
+
+        await eventually(caught_up, "the poll brought the orders without LISTEN", timeout=10)
+    finally:
+        following.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await following
+        await standby.close()

@@ -74,32 +74,48 @@ class ViewFollower:
         self.view.project(result.stored)
 
     async def follow(self, poll_s: float) -> None:
-        """Until cancelled: catch up on every notification, and at least every ``poll_s``."""
-        delay = 0.5
+        """Until cancelled: catch up on every notification, and at least every ``poll_s``.
+
+        Without a LISTEN connection (the database away, or a hot standby, where LISTEN is not
+        allowed) it keeps polling, and tries to listen again at each round.
+        """
         listener: Listener | None = None
+        failures = 0
         try:
             while True:
-                try:
-                    announced: int | None = None
+                announced: int | None = None
+                if listener is None:
+                    listener = await self._listen(poll_s)
                     if listener is None:
-                        listener = await self.store.listen()
-                        log.info("following orders_events: LISTEN, and a poll every %.1f s", poll_s)
-                        delay = 0.5
-                        # Whatever was committed while nobody listened is read right away.
-                    else:
+                        await asyncio.sleep(poll_s)
+                else:
+                    try:
                         announced = await listener.next_head(poll_s)
+                    except StoreUnavailable as exc:
+                        log.warning("LISTEN connection lost, polling meanwhile: %s", exc)
+                        await listener.close()
+                        listener = None
+                try:
                     if announced is None:
                         announced = await self.store.head()
                     self.head = max(self.head, announced)
                     if self.lag:
                         await self.catch_up()
+                    failures = 0
                 except StoreUnavailable as exc:
-                    if listener is not None:
-                        await listener.close()
-                        listener = None
-                    log.warning("following the log paused, retrying in %.1f s: %s", delay, exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, _RETRY_MAX_S)
+                    failures += 1
+                    if failures == 1 or failures % 30 == 0:
+                        log.warning("following the log paused (%d tries): %s", failures, exc)
+                    await asyncio.sleep(min(poll_s * failures, _RETRY_MAX_S))
         finally:
             if listener is not None:
                 await listener.close()
+
+    async def _listen(self, poll_s: float) -> Listener | None:
+        try:
+            listener = await self.store.listen()
+        except StoreUnavailable as exc:
+            log.debug("cannot LISTEN, polling every %.1f s: %s", poll_s, exc)
+            return None
+        log.info("following orders_events: LISTEN, and a poll every %.1f s", poll_s)
+        return listener
