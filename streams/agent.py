@@ -11,7 +11,7 @@ from typing import Final
 from streams.envelope import Envelope, Outcome
 from streams.metrics import Metrics, reason_class
 from streams.store import BatchResult, DeadLetter, EventStore, RefusedByDatabase, StoreUnavailable
-from streams.validation import Accepted, validate
+from streams.validation import Accepted, Rejected, validate
 from views.follower import ViewFollower
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,12 @@ class BatchProcessor:
         rejects: list[_Reject] = []
         for envelope_index, envelope in enumerate(batch):
             for index, raw in enumerate(envelope.raws):
-                verdict = validate(raw)
+                try:
+                    verdict = validate(raw)
+                except Exception as exc:
+                    # validate() is meant never to raise; if it does, that message alone is
+                    # refused, and the agent goes on.
+                    verdict = Rejected(f"could not be validated: {exc!r}"[:500])
                 if isinstance(verdict, Accepted):
                     orders.append(((envelope_index, index), verdict))
                 else:
@@ -131,11 +136,12 @@ class BatchProcessor:
             return [await self._write_retrying(orders, rejects)]
         except RefusedByDatabase as refusal:
             if len(orders) > 1:
-                # One payload the database will not take must not hold up the others: write
-                # them one by one so that only the culprit is dead-lettered.
+                # One payload the database will not take must not hold up the others: halve
+                # the batch until the culprit is alone, and dead-letter only it.
                 results = [await self._write_retrying([], rejects)] if rejects else []
-                for single in orders:
-                    results.extend(await self._commit([single], [], refused, batch))
+                middle = len(orders) // 2
+                for half in (orders[:middle], orders[middle:]):
+                    results.extend(await self._commit(half, [], refused, batch))
                 return results
             if len(orders) == 1:
                 position, order = orders[0]

@@ -20,7 +20,7 @@ from bridge.consumer import NatsBridge
 from streams.commands import install_commands
 from streams.config import ConfigError, Settings
 from streams.envelope import Envelope
-from streams.logs import logging_config
+from streams.logs import logging_config, quiet_http_parser_refusals
 from streams.metrics import Metrics
 from streams.monitor import LeanMonitor
 from streams.runtime import Runtime
@@ -88,6 +88,7 @@ _ENVELOPES_PER_BATCH = 4
 def create_app(settings: Settings) -> OrdersApp:
     """Build the app with its agent, web views and commands."""
     app = OrdersApp(settings)
+    quiet_http_parser_refusals()
     within = settings.batch_max_wait_ms / 1000
 
     @app.agent(app.orders_channel, name="orders-ingest")

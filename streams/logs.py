@@ -7,6 +7,7 @@ import logging
 from typing import Any, Final
 
 import orjson
+from aiohttp.http_exceptions import BadHttpMessage
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is a field.
 _STANDARD: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -51,3 +52,27 @@ def logging_config(log_format: str) -> dict[str, Any] | None:
             }
         },
     }
+
+
+class _HttpParserRefusals(logging.Filter):
+    """aiohttp logs every request its parser refuses (a TLS hello on the plain port, a bad
+    chunk size) as an ERROR with a traceback, though it answers 400 and nothing is wrong with
+    the service: such records become one INFO line, so a scanner cannot flood the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, BadHttpMessage):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args, record.exc_info = (
+                "refused a malformed HTTP request: %s",
+                (error.message,),
+                None,
+            )
+        return True
+
+
+def quiet_http_parser_refusals() -> None:
+    """Install the filter on aiohttp's server logger (once)."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(existing, _HttpParserRefusals) for existing in logger.filters):
+        logger.addFilter(_HttpParserRefusals())

@@ -379,7 +379,8 @@ def _translate(exc: BaseException) -> BaseException:
     # A ProgrammingError (a missing table, say) is not the data's fault: it stays retryable.
     # libpq's messages span lines; a log line should not.
     message = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, psycopg2.DataError | psycopg2.IntegrityError):
+    # psycopg2 raises ValueError for text it cannot send (a NUL character, say).
+    if isinstance(exc, psycopg2.DataError | psycopg2.IntegrityError | ValueError):
         return RefusedByDatabase(message)
     if isinstance(exc, psycopg2.Error | OSError | TimeoutError):
         return StoreUnavailable(f"PostgreSQL: {message}")

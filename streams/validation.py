@@ -15,7 +15,8 @@ from typing import Annotated, Final
 import msgspec
 
 MAX_MESSAGE_BYTES: Final = 1024 * 1024
-UID_PATTERN: Final = "^[A-Za-z0-9_-]{1,64}$"
+# \A and \Z, not ^ and $: "$" also matches before a final newline, and "abc\n" is no uid.
+UID_PATTERN: Final = r"\A[A-Za-z0-9_-]{1,64}\Z"
 
 Uid = Annotated[str, msgspec.Meta(pattern=UID_PATTERN)]
 Amount = Annotated[int, msgspec.Meta(ge=0)]
@@ -113,6 +114,9 @@ def validate(raw: bytes) -> Accepted | Rejected:
     if len(raw) > MAX_MESSAGE_BYTES:
         return Rejected(f"message is {len(raw)} bytes, more than the {MAX_MESSAGE_BYTES} allowed")
     try:
+        # msgspec checks UTF-8 only in the strings it decodes, not in fields the shape does
+        # not name; the store needs the whole payload as text.
+        raw.decode("utf-8")
         order = _decoder.decode(raw)
     except msgspec.ValidationError as exc:
         return Rejected(_explain(str(exc)))
@@ -120,6 +124,8 @@ def validate(raw: bytes) -> Accepted | Rejected:
         return Rejected(f"not valid JSON: {exc}")
     except UnicodeDecodeError as exc:
         return Rejected(f"not valid UTF-8: {exc.reason}")
+    except RecursionError:
+        return Rejected("not valid JSON: nested more deeply than Python can follow")
     if b"\\u0000" in raw and _NUL_ESCAPE.search(raw):
         return Rejected("contains the character U+0000, which PostgreSQL cannot store")
     return Accepted(order.order_uid, raw)
