@@ -17,7 +17,6 @@ from faust.web import Request, Response, View
 
 from streams.metrics import HttpMetrics
 
-
 _NOTHING: dict[str, Any] = {}  # shared and never written: no allocation per request
 
 
