@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run publish replay test lint typecheck pytest clean
+.PHONY: install run publish replay test lint typecheck pytest clean bench bench-smoke chaos
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,3 +38,20 @@ test: lint typecheck pytest  ## everything CI runs
 
 clean:
 	rm -rf $(VENV) .data .mypy_cache .ruff_cache .pytest_cache *.egg-info
+
+# BENCH_ARGS passes options,
+# e.g. BENCH_ARGS="--database-url postgresql://postgres@127.0.0.1:5432/postgres".
+bench: install  ## the benchmarks (~10 min): bench/results.json and docs/benchmarks.md
+	$(BIN)/python -m bench $(BENCH_ARGS)
+	$(BIN)/python -m bench.scale  # the scale-out figures of docs/scaling.md
+
+bench-smoke: install  ## every benchmark with tiny sizes, 1 run each: the scripts still work
+	$(BIN)/python -m bench --smoke $(BENCH_ARGS)
+	$(BIN)/python -m bench.scale --smoke --output "$$(mktemp)"
+
+# The fault-injection and hostile-input suite (tests marked chaos) at full sizes, ~15 min; its
+# bounded form runs inside `make test`. Figures: [chaos] lines, and .data/chaos/figures.jsonl.
+chaos: install  ## SIGKILLs, database and NATS outages, slow database, fuzzing, sustained load
+	mkdir -p .data/chaos
+	rm -f .data/chaos/figures.jsonl
+	ORDERS_CHAOS=full ORDERS_CHAOS_REPORT=.data/chaos/figures.jsonl $(BIN)/pytest -m chaos --durations=20
