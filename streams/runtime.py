@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -21,6 +20,7 @@ from views.view import OrdersView
 log = logging.getLogger(__name__)
 
 _RETRY_MAX_S: Final = 5.0
+_STOP_FOLLOWING_S: Final = 5.0
 
 Inflow = Callable[[], Awaitable[None]]
 
@@ -137,8 +137,9 @@ class Runtime(Service):
                 await stop()
         if self._following is not None:
             self._following.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._following
+            _, pending = await asyncio.wait([self._following], timeout=_STOP_FOLLOWING_S)
+            if pending:
+                log.warning("the log follower did not stop within %.0f s", _STOP_FOLLOWING_S)
         if self.store is not None:
             await self.store.close()
             self.store = None

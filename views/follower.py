@@ -81,8 +81,13 @@ class ViewFollower:
         """
         listener: Listener | None = None
         failures = 0
+        this_task = asyncio.current_task()
         try:
             while True:
+                # asyncio.wait_for on Python 3.11 can lose a cancellation that arrives with a
+                # notification: the task still counts it as cancelling, so stop here.
+                if this_task is not None and this_task.cancelling():
+                    raise asyncio.CancelledError
                 announced: int | None = None
                 if listener is None:
                     listener = await self._listen(poll_s)
