@@ -4,6 +4,7 @@ own, so tests never see each other's rows."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
@@ -21,6 +22,7 @@ from bridge.embedded_nats import EmbeddedNats
 from streams.store import PostgresEventStore
 from tests.database import DatabaseSwitch
 from tests.flow import Route
+from tests.worker import free_port
 
 FIXTURE = Path(__file__).resolve().parent.parent / "publisher" / "model.json"
 
@@ -102,6 +104,17 @@ def nats_url() -> Iterator[str]:
 def route(nats_url: str) -> Route:
     """A stream, consumer and subject of the test's own on the session's NATS server."""
     return Route(nats_url)
+
+
+@pytest.fixture
+async def own_nats(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
+    """A NATS server of the test's own, to be stopped and started again on the same port."""
+    server = EmbeddedNats(tmp_path / "own-nats", port=free_port())
+    await asyncio.to_thread(server.start)
+    try:
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop)
 
 
 @pytest.fixture

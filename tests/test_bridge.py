@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
-import pytest
 
 from bridge.embedded_nats import EmbeddedNats
 from publisher.messages import Message
@@ -15,7 +13,7 @@ from streams.store import PostgresEventStore
 from tests.database import DatabaseSwitch
 from tests.flow import Route, event_uids, logged, orders, wait_for_orders
 from tests.orders import new_uid, order_bytes, order_dict
-from tests.worker import Worker, eventually, free_port, view_size
+from tests.worker import Worker, eventually, view_size
 
 
 async def test_published_order_is_served_byte_for_byte(
@@ -116,17 +114,6 @@ async def test_sigkill_mid_run_loses_nothing_and_stores_nothing_twice(
     stored = await event_uids(store)
     assert len(stored) == len(set(stored)) == len(batch)
     assert set(stored) == {message.uid for message in batch}
-
-
-@pytest.fixture
-async def own_nats(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
-    """A NATS server of the test's own, to be stopped and started again on the same port."""
-    server = EmbeddedNats(tmp_path / "own-nats", port=free_port())
-    await asyncio.to_thread(server.start)
-    try:
-        yield server
-    finally:
-        await asyncio.to_thread(server.stop)
 
 
 async def test_nats_restart_mid_run_resumes_consumption(

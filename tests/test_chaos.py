@@ -14,8 +14,9 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Final
 
 import nats
 import orjson
@@ -44,11 +45,20 @@ from tests.chaos_servers import (
 )
 from tests.database import DatabaseSwitch
 from tests.flow import Route, orders
-from tests.worker import Worker, eventually, free_port, view_size
+from tests.worker import Worker, eventually, view_size
 
 pytestmark = chaos
 
 ROOT = Path(__file__).resolve().parent.parent
+
+FINDINGS: Final = {
+    "F8": "SIGTERM sometimes never stopped the worker: the follower's task swallowed its"
+    " cancellation (asyncio.wait_for on Python 3.11 loses a cancel that comes as a"
+    " notification arrives) and Runtime.on_stop waited for it forever",
+}
+# As in test_fuzz.py; F8 was intermittent, so while open its test was a non-strict expected
+# failure.
+OPEN_FINDINGS: Final[frozenset[str]] = frozenset()
 
 # JetStream redelivers what a killed worker held after ack_wait. The service's default is 30 s;
 # the runs that kill or disconnect use 5 s so that each redelivery comes within the run. The
@@ -236,20 +246,10 @@ async def test_connections_killed_from_the_server_side(
 # 3. NATS stopped and started again, its JetStream store kept
 
 
-@pytest.fixture
-async def stoppable_nats(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
-    server = EmbeddedNats(tmp_path / "own-nats", port=free_port())
-    await asyncio.to_thread(server.start)
-    try:
-        yield server
-    finally:
-        await asyncio.to_thread(server.stop)
-
-
 async def test_nats_stopped_mid_run_then_started_again(
     tmp_path: Path,
     database_url: str,
-    stoppable_nats: EmbeddedNats,
+    own_nats: EmbeddedNats,
     store: PostgresEventStore,
     figures: Figures,
 ) -> None:
@@ -258,8 +258,8 @@ async def test_nats_stopped_mid_run_then_started_again(
     outage = sized(2.0, 10.0)
     rate = 500.0
     count = int(rate * (outage + 5))
-    assert stoppable_nats.url is not None
-    route = Route(stoppable_nats.url)
+    assert own_nats.url is not None
+    route = Route(own_nats.url)
     messages = chaos_messages(count, seed=404)
     worker = Worker(
         tmp_path / "worker", **route.env(database_url), ORDERS_NATS_ACK_WAIT_S=ACK_WAIT_S
@@ -269,10 +269,10 @@ async def test_nats_stopped_mid_run_then_started_again(
         publishing = asyncio.create_task(publish_steadily(route, messages, rate=rate))
         await asyncio.sleep(2.0)
         before = await _orders_served(worker)
-        await asyncio.to_thread(stoppable_nats.stop)
+        await asyncio.to_thread(own_nats.stop)
         await asyncio.sleep(outage)
         assert_alive(worker)
-        await asyncio.to_thread(stoppable_nats.start)
+        await asyncio.to_thread(own_nats.start)
         back = time.monotonic()
 
         async def consuming_again() -> bool:
@@ -307,7 +307,7 @@ async def test_table_locked_longer_than_ack_wait_keeps_work_bounded(
     store: PostgresEventStore,
     figures: Figures,
 ) -> None:
-    """Another session holds ``LOCK TABLE orders_events IN ACCESS EXCLUSIVE MODE`` for several
+    """Another connection holds ``LOCK TABLE orders_events IN ACCESS EXCLUSIVE MODE`` for several
     times ack_wait (2 s); a burst of orders arrives as the lock is taken, and more keep coming.
     Nothing is stored twice, the unacked messages stay within ORDERS_NATS_MAX_ACK_PENDING (set
     to one batch, below the four batches the bridge may hold) and the worker's memory stays
@@ -424,9 +424,14 @@ async def test_deploy_overlap_two_workers_then_the_old_one_stops(
             await new.wait_ready()
             await asyncio.sleep(count / rate / 4)
             stopping = time.monotonic()
-            code = await asyncio.to_thread(old.stop)
+            try:
+                code: int | None = await asyncio.to_thread(old.stop)
+            except AssertionError:  # not stopped within 30 s, then SIGKILLed
+                if "F8" not in OPEN_FINDINGS:
+                    raise
+                code = None  # F8: counted below; the audit must hold all the same
             stop_s = time.monotonic() - stopping
-            assert code == 0, old.log_tail()
+            assert code in (0, None), old.log_tail()
             published = await publishing
             state = await wait_settled(store, route, published, [new])
             report = await audit(store, published, [new])
@@ -438,6 +443,7 @@ async def test_deploy_overlap_two_workers_then_the_old_one_stops(
     figures.record(
         messages=published.messages,
         graceful_stop_s=stop_s,
+        stop_hung_f8=code is None,
         redeliveries=state.redeliveries,
         duplicates_seen_by_b=first_metric(values, "orders_duplicates_total"),
         **report.figures(),
@@ -542,3 +548,28 @@ async def test_the_consuming_worker_serves_every_order_byte_for_byte(
         report = await audit(store, published, [worker])
     figures.record(**report.figures())
     assert report.served_byte_for_byte == report.served_checked
+
+
+# ---------------------------------------------------------------------------------------------
+# F8 (closed): SIGTERM while consuming
+
+
+@pytest.mark.xfail("F8" in OPEN_FINDINGS, strict=False, reason="F8: " + FINDINGS["F8"])
+async def test_finding_sigterm_while_consuming_stops_the_worker_promptly(
+    tmp_path: Path, database_url: str, route: Route, store: PostgresEventStore
+) -> None:
+    """Three times: a worker consuming a steady flow gets SIGTERM and must exit 0 within 10 s
+    (it commits and acks the batch in hand; 30 s is the bridge's own grace for that)."""
+    messages = chaos_messages(6_000, seed=818)
+    publishing = asyncio.create_task(publish_steadily(route, messages, rate=1_000))
+    try:
+        for attempt in range(3):
+            worker = Worker(tmp_path / f"w{attempt}", **route.env(database_url))
+            with worker:
+                await worker.wait_ready()
+                await asyncio.sleep(1.5)
+                begun = time.monotonic()
+                code = await asyncio.to_thread(worker.stop, 10.0)
+                assert code == 0 and time.monotonic() - begun < 10
+    finally:
+        await publishing
