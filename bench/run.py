@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -206,6 +207,7 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
         for name in names:
             started = datetime.datetime.now(datetime.UTC)
             load_before = load_average()
+            state_before = service_state()
             try:
                 figures = await FIGURES[name](ctx)
             except Exception:
@@ -213,13 +215,17 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
                 ctx.say(f"{name}: FAILED")
                 failed.append(name)
                 continue
+            changed = service_state() != state_before
+            if changed:
+                ctx.say(f"{name}: the service's code changed while it was measured")
             for key, figure in figures.items():
                 figure["measured_at"] = started.isoformat(timespec="seconds")
                 figure["load_before"] = load_before
                 figure["load_after"] = load_average()
                 figure["command"] = command
                 figure["worker_env"] = ctx.worker_env
-                figure["service"] = results["service"]
+                figure["service"] = state_before
+                figure["service_changed"] = changed
                 figure["sizes"] = dataclasses.asdict(sizes)
                 results["figures"][key] = figure
     args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -237,4 +243,7 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    # SIGTERM as Ctrl-C: asyncio.run then cancels the run, and every worker, wrk, hey and
+    # embedded server is stopped on the way out instead of being left behind.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     return asyncio.run(_main(args, argv))
