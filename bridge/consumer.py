@@ -2,14 +2,17 @@
 and ack it only once the agent says it is committed.
 
 Shaped after the way faststream runs a NATS pull subscriber: one loop that fetches, a bounded
-number of batches in flight, and the subscription bound again whenever the connection comes
-back (a pull subscription does not survive a server restart on its own, nats.py issue 504).
+number of batches in flight (one per inbox, bridge/pull.py), and everything bound again
+whenever the connection comes back: a restarted server has forgotten the open pull requests,
+and may have lost the consumer (the reason nats.py's own pull subscription needs rebinding,
+its issue 504).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,10 +23,10 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from bridge.embedded_nats import EmbeddedNats
 from bridge.jetstream import ensure_consumer, ensure_stream
+from bridge.pull import Inbox, PullRefused
 from streams.config import Settings, redact
 from streams.envelope import Envelope, Outcome
 from streams.metrics import Metrics
@@ -32,14 +35,15 @@ log = logging.getLogger(__name__)
 
 Submit = Callable[[Envelope], Awaitable[None]]
 
-_FETCH_TIMEOUT_S: Final = 1.0
-_BATCHES_IN_FLIGHT: Final = 4
+_FETCH_WAIT_S: Final = 1.0
+_INBOXES: Final = 4
 _RETRY_MAX_S: Final = 5.0
 _NAK_DELAY_S: Final = 2.0
 _STOP_GRACE_S: Final = 30.0
 _POLL_CONSUMER_S: Final = 5.0
 
 _NATS_ERRORS: Final = (nats.errors.Error, nats.js.errors.Error, OSError)
+_BIND_ERRORS: Final = (*_NATS_ERRORS, PullRefused, TimeoutError)
 
 
 class NatsBridge:
@@ -55,10 +59,10 @@ class NatsBridge:
         self._poll_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._rebind = asyncio.Event()
-        self._slots = asyncio.Semaphore(_BATCHES_IN_FLIGHT)
         self._in_flight: set[asyncio.Task[None]] = set()
         self.url: str | None = None
         self._errors = _RepeatedWarning()
+        self._answered = False  # a pull request was answered since the last bind
 
     async def start(self) -> None:
         """Resolve the server (starting the embedded one if needed) and start consuming."""
@@ -84,9 +88,9 @@ class NatsBridge:
         if self._poll_task is not None:
             self._poll_task.cancel()
         if self._loop_task is not None:
-            # The loop notices within one fetch timeout, unless it waits for a free slot or for
+            # The loop notices within one fetch timeout, unless it waits for a free inbox or for
             # room in the agent's channel: then there is nothing in hand to finish.
-            _, pending = await asyncio.wait([self._loop_task], timeout=3 * _FETCH_TIMEOUT_S)
+            _, pending = await asyncio.wait([self._loop_task], timeout=3 * _FETCH_WAIT_S)
             for task in pending:
                 task.cancel()
         if self._in_flight:
@@ -107,77 +111,89 @@ class NatsBridge:
     async def _consume(self) -> None:
         delay = 0.5
         while not self._stopping.is_set():
+            self._answered = False
             try:
-                js = await self._jetstream()
-                subscription = await js.pull_subscribe_bind(
-                    durable=self.settings.nats_durable, stream=self.settings.nats_stream
-                )
-                log.info(
-                    "subscribed: stream %s, consumer %s, subjects %s",
-                    self.settings.nats_stream,
-                    self.settings.nats_durable,
-                    self.settings.nats_subject,
-                )
+                nc = await self._connected()
                 self._rebind.clear()
-                delay = 0.5
-                await self._fetch_until_rebind(subscription)
-                with contextlib.suppress(*_NATS_ERRORS):
-                    await subscription.unsubscribe()
-            except _NATS_ERRORS as exc:
+                await self._fetch_until_rebind(nc)
+            except _BIND_ERRORS as exc:
+                # PullRefused: the consumer was deleted or changed under the service;
+                # TimeoutError: a pull request got no answer at all (no such stream or
+                # consumer on an older server, or a server gone quiet). Binding again checks
+                # and creates both.
                 if self._stopping.is_set():
                     break
+                if self._answered:
+                    delay = 0.5
                 log.warning(
                     "NATS consumer unavailable, binding again in %.1f s: %s", delay, _describe(exc)
                 )
                 await self._sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
 
-    async def _fetch_until_rebind(self, subscription: JetStreamContext.PullSubscription) -> None:
-        batch_size = self.settings.batch_size
-        while not self._stopping.is_set() and not self._rebind.is_set():
-            await self._slots.acquire()
-            try:
-                messages = await subscription.fetch(batch_size, timeout=_FETCH_TIMEOUT_S)
-            except (TimeoutError, nats.errors.TimeoutError):
-                self._slots.release()
-                continue  # an empty stream: expected
-            except BaseException:
-                self._slots.release()
-                raise
-            if not messages:
-                self._slots.release()
-                continue
-            envelope = Envelope([msg.data for msg in messages], self._sources(messages))
-            await self._submit(envelope)
-            task = asyncio.create_task(self._ack_when_settled(messages, envelope))
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
+    async def _fetch_until_rebind(self, nc: Client) -> None:
+        settings = self.settings
+        inboxes = [Inbox(nc, settings.nats_stream, settings.nats_durable) for _ in range(_INBOXES)]
+        free: asyncio.Queue[Inbox] = asyncio.Queue()
+        try:
+            for inbox in inboxes:
+                await inbox.open()
+                free.put_nowait(inbox)
+            log.info(
+                "subscribed: stream %s, consumer %s, subjects %s",
+                settings.nats_stream,
+                settings.nats_durable,
+                settings.nats_subject,
+            )
+            while not self._stopping.is_set() and not self._rebind.is_set():
+                # An inbox is free again once the acks of its last batch are sent: at most
+                # _INBOXES batches are in the agent or waiting for their commit.
+                inbox = await free.get()
+                try:
+                    messages = await inbox.fetch(settings.batch_size, _FETCH_WAIT_S)
+                except BaseException:
+                    free.put_nowait(inbox)
+                    raise
+                self._answered = True
+                if not messages:
+                    free.put_nowait(inbox)
+                    continue
+                envelope = Envelope([msg.data for msg in messages], self._sources(messages))
+                await self._submit(envelope)
+                task = asyncio.create_task(self._ack_when_settled(messages, envelope))
+                task.add_done_callback(functools.partial(_put_back, free, inbox))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+        finally:
+            handed_back = 0
+            for inbox in inboxes:
+                handed_back += await inbox.close()
+            if handed_back:
+                log.info("%d messages received but not started handed back to NATS", handed_back)
 
     async def _ack_when_settled(self, messages: list[Msg], envelope: Envelope) -> None:
-        try:
-            # A batch held up by the database keeps its messages: tell JetStream we are still
-            # on them, rather than let ack_wait expire and have them redelivered meanwhile.
-            keep_alive = self.settings.nats_ack_wait_s / 2
-            while True:
-                try:
-                    outcomes = await asyncio.wait_for(asyncio.shield(envelope.settled), keep_alive)
-                    break
-                except TimeoutError:
-                    for msg in messages:
-                        with contextlib.suppress(*_NATS_ERRORS):
-                            await msg.in_progress()
-            for msg, outcome in zip(messages, outcomes, strict=True):
-                with contextlib.suppress(*_NATS_ERRORS):
-                    # An ack that cannot be sent is not lost work: the message comes back,
-                    # and its uid is already in the log.
-                    if outcome is Outcome.FAILED:
-                        await msg.nak(delay=_NAK_DELAY_S)
-                    else:
-                        await msg.ack()
-        finally:
-            self._slots.release()
+        # A batch held up by the database keeps its messages: tell JetStream we are still on
+        # them, rather than let ack_wait expire and have them redelivered meanwhile.
+        keep_alive = self.settings.nats_ack_wait_s / 2
+        while True:
+            try:
+                outcomes = await asyncio.wait_for(asyncio.shield(envelope.settled), keep_alive)
+                break
+            except TimeoutError:
+                for msg in messages:
+                    with contextlib.suppress(*_NATS_ERRORS):
+                        await msg.in_progress()
+        for msg, outcome in zip(messages, outcomes, strict=True):
+            with contextlib.suppress(*_NATS_ERRORS):
+                # An ack that cannot be sent is not lost work: the message comes back, and
+                # its uid is already in the log.
+                if outcome is Outcome.FAILED:
+                    await msg.nak(delay=_NAK_DELAY_S)
+                else:
+                    await msg.ack()
 
-    async def _jetstream(self) -> JetStreamContext:
+    async def _connected(self) -> Client:
+        """The connection, opened if need be, with the stream and the consumer in place."""
         if self._nc is None or self._nc.is_closed:
             assert self.url is not None
             self._nc = await nats.connect(
@@ -195,7 +211,7 @@ class NatsBridge:
         js = self._nc.jetstream()
         await ensure_stream(js, self.settings.nats_stream, [self.settings.nats_subject])
         await ensure_consumer(js, self.settings)
-        return js
+        return self._nc
 
     def _sources(self, messages: list[Msg]) -> Callable[[int], str]:
         """Names each message by its stream sequence, parsed only for the few that are
@@ -260,6 +276,10 @@ class _RepeatedWarning:
         again = f" (and {self._repeats} times more since)" if self._repeats else ""
         log.warning("NATS: %s%s", message, again)
         self._last, self._since, self._repeats = message, now, 0
+
+
+def _put_back(free: asyncio.Queue[Inbox], inbox: Inbox, _: asyncio.Task[None]) -> None:
+    free.put_nowait(inbox)
 
 
 def _describe(exc: BaseException) -> str:
