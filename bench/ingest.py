@@ -88,10 +88,9 @@ async def service(ctx: Context, dsn: str, messages: list[Message], index: int) -
             await worker.wait_logged("subscribed:")
             nc = await nats.connect(route.nats_url)
             try:
-                js = nc.jetstream()
                 ctx.profiler.start(worker.pid, f"ingest-{index}")
                 started = time.perf_counter()
-                publishing = asyncio.create_task(publish(js, route.subject, messages))
+                publishing = asyncio.create_task(publish(nc, route.subject, messages))
                 await _view_holds(worker, len(messages), timeout=600.0)
                 last = messages[-1]
                 status, body = await _get(worker.base + f"/orders/{last.uid}")
@@ -135,7 +134,7 @@ async def drain(ctx: Context, dsn: str, messages: list[Message]) -> dict[str, An
         await route.create()
         nc = await nats.connect(route.nats_url)
         try:
-            await publish(nc.jetstream(), route.subject, messages)
+            await publish(nc, route.subject, messages)
         finally:
             await nc.close()
         env = {**route.env(), "ORDERS_DATABASE_URL": dsn, **ctx.worker_env}

@@ -8,11 +8,10 @@ import asyncio
 import contextlib
 import shutil
 import time
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import aiohttp
 import nats
-from nats.js.api import Header, PubAck
 from nats.js.client import JetStreamContext
 
 from bench import dataset
@@ -33,24 +32,6 @@ SEED: Final = 2002
 POLL_EVERY_S: Final = 0.001
 VISIBLE_WITHIN_S: Final = 60.0
 BACKLOG_EVERY_S: Final = 0.1
-
-
-class _Stamping:
-    """Stands in for the JetStream context in ``publish``: notes when each sampled order goes
-    out (just before ``publish_async``), then publishes it unchanged."""
-
-    def __init__(self, js: JetStreamContext, sampled: set[str], sent: dict[str, float]) -> None:
-        self._js = js
-        self._sampled = sampled
-        self._sent = sent
-
-    async def publish_async(
-        self, subject: str, payload: bytes, *, headers: dict[str, str] | None = None
-    ) -> asyncio.Future[PubAck]:
-        uid = (headers or {}).get(Header.MSG_ID.value)
-        if uid is not None and uid in self._sampled:
-            self._sent[uid] = time.perf_counter()
-        return await self._js.publish_async(subject, payload, headers=headers)
 
 
 async def measure(
@@ -82,6 +63,12 @@ async def measure(
                     raise RuntimeError(f"order {uid} not served within {VISIBLE_WITHIN_S} s")
                 await asyncio.sleep(POLL_EVERY_S)
 
+        def on_send(message: Message) -> None:
+            # Just before the publish: the start of the order's latency.
+            uid = str(message.uid)
+            if uid in sampled:
+                sent[uid] = time.perf_counter()
+
         def on_ack(message: Message) -> None:
             uid = str(message.uid)
             if uid in sampled:
@@ -94,8 +81,9 @@ async def measure(
         done = asyncio.Event()
         sampling = asyncio.create_task(_sample_backlog(nc.jetstream(), route, backlog, done))
         try:
-            js = cast(JetStreamContext, _Stamping(nc.jetstream(), sampled, sent))
-            stats = await publish(js, route.subject, messages, rate=rate, on_ack=on_ack)
+            stats = await publish(
+                nc, route.subject, messages, rate=rate, on_send=on_send, on_ack=on_ack
+            )
             await asyncio.wait_for(asyncio.gather(*watchers), VISIBLE_WITHIN_S + 10)
         finally:
             # An event rather than cancel(): nats-py's request can swallow a cancellation, and

@@ -251,7 +251,7 @@ def _figure_sections(figures: dict[str, Any]) -> list[str]:
             "",
             f"{params['orders']:,} orders published at {params['rate']:,}/s for"
             f" {params['seconds']} s (`publish(..., rate=...)`). For every"
-            f" {params['sample_every']}th order the time of its `publish_async` call is noted;"
+            f" {params['sample_every']}th order the moment just before its publish is noted;"
             f" from its PubAck on, `GET /orders/{{uid}}` is polled every"
             f" {params['poll_every_ms']:g} ms until it answers 200. Latency = that answer's"
             " arrival − the publish call. The polls are load on the worker too (column"

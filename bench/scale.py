@@ -138,7 +138,7 @@ async def _measure_follow(
 
         nc = await nats.connect(route.nats_url)
         try:
-            await publish(nc.jetstream(), route.subject, messages, rate=rate, on_ack=on_ack)
+            await publish(nc, route.subject, messages, rate=rate, on_ack=on_ack)
             await asyncio.wait_for(asyncio.gather(*watchers), timeout=120)
         finally:
             await nc.close()

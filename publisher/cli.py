@@ -27,8 +27,6 @@ DEFAULT_ITEMS = 3
 PROGRESS_MIN_COUNT = 1000
 CONNECT_TIMEOUT_SECONDS = 5
 ACK_TIMEOUT_SECONDS = 10.0
-# nats-py's default of 4000 in flight already saturates one connection; more only adds memory.
-MAX_IN_FLIGHT = 4000
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -304,7 +302,7 @@ def _describe_connect_error(error: BaseException) -> str:
 async def _publish(
     nc: Client, options: Options, messages: Iterable[Message], total: int
 ) -> PublishStats:
-    js = nc.jetstream(publish_async_max_pending=MAX_IN_FLIGHT)
+    js = nc.jetstream()
     try:
         warning = await ensure_stream(js, options.stream, options.subject, options.service_filter)
     except StreamError as error:
@@ -322,7 +320,7 @@ async def _publish(
 
         try:
             return await publish(
-                js,
+                nc,
                 options.subject,
                 messages,
                 rate=options.rate,

@@ -1,17 +1,28 @@
-"""Pipelined publishing to JetStream: many messages in flight, every PubAck awaited."""
+"""Pipelined publishing to JetStream: many messages in flight, every PubAck awaited.
+
+JetStream answers a message published with a reply subject with its PubAck, so publishing is
+a core NATS publish with a reply subject of this run's own inbox (``<inbox>.<index>``), and
+the PubAcks land in one callback subscription. nats-py's ``publish_async`` does the same with a
+future, a random token and a lock per message: about 40 µs of the publisher's CPU a message
+against 10 µs here, and the publisher shares its machine with the service in a benchmark.
+"""
 
 import asyncio
-import functools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
-from nats.js.api import Header, PubAck
-from nats.js.client import JetStreamContext
+import orjson
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import Header
 
 from publisher.messages import Message
+
+# nats-py's default for publish_async; more in flight only adds memory on one connection.
+MAX_IN_FLIGHT = 4000
 
 
 @dataclass
@@ -47,28 +58,34 @@ class PublishError(Exception):
 
 
 async def publish(
-    js: JetStreamContext,
+    nc: Client,
     subject: str,
     messages: Iterable[Message],
     *,
     rate: float | None = None,
     on_ack: Callable[[Message], None] | None = None,
+    on_send: Callable[[Message], None] | None = None,
     ack_timeout: float = 10.0,
+    max_in_flight: int = MAX_IN_FLIGHT,
 ) -> PublishStats:
     """Publish ``messages`` to ``subject`` and wait until JetStream has acknowledged all of them.
 
-    Messages go out through ``js.publish_async``, so they are pipelined up to the context's
-    ``publish_async_max_pending`` instead of costing one round trip each. ``rate`` caps the
-    messages per second (``None``: as fast as the server acknowledges). ``on_ack`` is called
-    for each acknowledged message, in acknowledgement order.
+    Up to ``max_in_flight`` messages are out without their PubAck at any time. ``rate`` caps
+    the messages per second (``None``: as fast as the server acknowledges). ``on_send`` is
+    called just before each message goes out; ``on_ack`` for each acknowledged message, in
+    acknowledgement order.
 
     Raises ``PublishError`` when JetStream rejects a message, when no acknowledgement
     arrives for ``ack_timeout`` seconds, or when the connection fails.
     """
-    in_flight = _InFlight(on_ack)
+    in_flight = _InFlight(nc.new_inbox(), on_ack)
     start = time.monotonic()
+    subscription = None
     try:
+        subscription = await nc.subscribe(in_flight.inbox + ".*", cb=in_flight.settle)
         for index, message in enumerate(messages):
+            while len(in_flight.pending) >= max_in_flight and not in_flight.failures:
+                await in_flight.progress(ack_timeout)
             if in_flight.failures:
                 break
             if rate is not None:
@@ -80,32 +97,28 @@ async def publish(
             # Only the first publication of a uid may carry it as Nats-Msg-Id: JetStream
             # would drop a deliberate duplicate with the same id before the service saw it.
             msg_id = message.uid if message.kind == "order" else None
-            # asyncio.timeout rather than publish_async's wait_stall: wait_stall goes through
-            # asyncio.wait_for, whose extra task yields to the loop on every call, so the
-            # connection would flush (one syscall) per message instead of per batch.
-            async with asyncio.timeout(ack_timeout):
-                future = await js.publish_async(
-                    subject,
-                    message.data,
-                    headers={Header.MSG_ID.value: msg_id} if msg_id else None,
-                )
-            in_flight.track(message, future)
-        await in_flight.drain(ack_timeout)
-    except nats.js.errors.TooManyStalledMsgsError:
-        # What the timeout above turns into when it cancels publish_async while it waits
-        # for a free slot: nats-py converts the cancellation.
+            in_flight.pending[index] = message
+            if on_send is not None:
+                on_send(message)
+            await nc.publish(
+                subject,
+                message.data,
+                reply=f"{in_flight.inbox}.{index}",
+                headers={_MSG_ID: msg_id} if msg_id else None,
+            )
+        while in_flight.pending and not in_flight.failures:
+            await in_flight.progress(ack_timeout)
+    except TimeoutError:
         raise in_flight.abandon(
             f"no acknowledgement from JetStream for {ack_timeout:g} s"
             f" with {len(in_flight.pending)} messages in flight"
-        ) from None
-    except TimeoutError:
-        raise in_flight.abandon(
-            f"{len(in_flight.pending)} messages still unacknowledged after {ack_timeout:g} s"
         ) from None
     except nats.errors.Error as error:
         raise in_flight.abandon(f"publishing failed: {error}") from error
     finally:
         in_flight.stats.elapsed = time.monotonic() - start
+        if subscription is not None and not nc.is_closed:
+            await subscription.unsubscribe()
 
     if in_flight.failures:
         first = describe_failure(in_flight.failures[0], subject)
@@ -127,21 +140,22 @@ def describe_failure(error: BaseException, subject: str) -> str:
 class _InFlight:
     """The published messages still waiting for their PubAck, and the tally of settled ones."""
 
-    def __init__(self, on_ack: Callable[[Message], None] | None) -> None:
-        self.pending: set[asyncio.Future[PubAck]] = set()
+    def __init__(self, inbox: str, on_ack: Callable[[Message], None] | None) -> None:
+        self.inbox = inbox
+        self.pending: dict[int, Message] = {}
         self.failures: list[BaseException] = []
         self.stats = PublishStats()
         self._on_ack = on_ack
+        self._index_from = len(inbox) + 1
+        self._settled = asyncio.Event()
 
-    def track(self, message: Message, future: asyncio.Future[PubAck]) -> None:
-        self.pending.add(future)
-        future.add_done_callback(functools.partial(self._settle, message))
-
-    def _settle(self, message: Message, future: asyncio.Future[PubAck]) -> None:
-        self.pending.discard(future)
-        if future.cancelled():
-            return
-        error = future.exception()
+    async def settle(self, reply: Msg) -> None:
+        """Count one PubAck, or the error JetStream answered instead."""
+        message = self.pending.pop(int(reply.subject[self._index_from :]), None)
+        if message is None:
+            return  # the answer to a message given up on
+        self._settled.set()
+        error = _refusal(reply)
         if error is not None:
             self.failures.append(error)
             return
@@ -151,22 +165,38 @@ class _InFlight:
             stats.duplicates += 1
         elif message.kind == "invalid":
             stats.invalid += 1
-        if future.result().duplicate:
+        if b'"duplicate"' in reply.data and orjson.loads(reply.data).get("duplicate"):
             stats.dropped_by_jetstream += 1
         if self._on_ack is not None:
             self._on_ack(message)
 
-    async def drain(self, idle_limit: float) -> None:
-        # The limit bounds the time without any progress, not the whole wait, so a large
-        # backlog that drains steadily is never cut short.
-        while self.pending:
-            done, _ = await asyncio.wait(set(self.pending), timeout=idle_limit)
-            if not done:
-                raise TimeoutError
+    async def progress(self, idle_limit: float) -> None:
+        """Wait for the next PubAck; ``TimeoutError`` when none comes within ``idle_limit``.
+        The limit bounds a time without progress, so a large backlog that drains steadily is
+        never cut short."""
+        self._settled.clear()
+        await asyncio.wait_for(self._settled.wait(), idle_limit)
 
     def abandon(self, reason: str) -> PublishError:
-        # Cancelling releases the publish_async slots these futures hold; nats-py ignores
-        # acks that arrive for futures already done.
-        for future in list(self.pending):
-            future.cancel()
+        # PubAcks that still arrive find nothing pending and are ignored.
+        self.pending.clear()
         return PublishError(reason, self.stats)
+
+
+def _refusal(reply: Msg) -> BaseException | None:
+    if reply.headers and reply.headers.get(Header.STATUS) == _NO_RESPONDERS:
+        return nats.js.errors.NoStreamResponseError()
+    if b'"error"' not in reply.data:
+        return None
+    error = orjson.loads(reply.data).get("error")
+    if not isinstance(error, dict):
+        return None
+    return nats.js.errors.APIError(
+        code=error.get("code"),
+        err_code=error.get("err_code"),
+        description=error.get("description"),
+    )
+
+
+_MSG_ID = Header.MSG_ID.value
+_NO_RESPONDERS = "503"

@@ -13,8 +13,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import nats
 import psycopg2
 import pytest
+from nats.aio.client import Client
 from pgserver.postgres_server import get_server
 from psycopg2 import sql
 
@@ -98,6 +100,16 @@ def nats_url() -> Iterator[str]:
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+async def client(nats_url: str) -> AsyncIterator[Client]:
+    """A connection to the session's NATS server."""
+    nc = await nats.connect(nats_url)
+    try:
+        yield nc
+    finally:
+        await nc.close()
 
 
 @pytest.fixture

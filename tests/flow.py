@@ -37,7 +37,7 @@ class Route:
             messages = [
                 item if isinstance(item, Message) else Message(item, "invalid") for item in payloads
             ]
-            await publish(js, self.subject, messages)
+            await publish(nc, self.subject, messages)
         finally:
             await nc.close()
 

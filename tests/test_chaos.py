@@ -490,7 +490,7 @@ async def test_sustained_ingest_and_reads_at_fixed_rates(
         )
         nc = await nats.connect(route.nats_url)
         try:
-            stats = await publish(nc.jetstream(), route.subject, fresh, rate=ingest_rate)
+            stats = await publish(nc, route.subject, fresh, rate=ingest_rate)
         finally:
             await nc.close()
         out, err = await reader.communicate()

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
 
-import nats
 import pytest
 from nats.aio.client import Client
 
@@ -17,15 +15,6 @@ from streams.config import Settings
 from tests.flow import Route
 
 WAIT_S = 0.5
-
-
-@pytest.fixture
-async def client(nats_url: str) -> AsyncIterator[Client]:
-    nc = await nats.connect(nats_url)
-    try:
-        yield nc
-    finally:
-        await nc.close()
 
 
 @pytest.fixture
