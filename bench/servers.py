@@ -235,7 +235,12 @@ class Servers:
 
 @contextlib.contextmanager
 def fresh_database(admin_url: str) -> Iterator[str]:
-    """A new database with the service's schema applied; dropped afterwards."""
+    """A new database with the service's schema applied; dropped afterwards.
+
+    A CHECKPOINT first (best effort: it needs a privileged role), so that a timed phase does
+    not pay for writing out the dirty pages of the phase before it: without it the ingest
+    ceiling of the same 200,000 orders varied between 20,000 and 28,000 orders/s.
+    """
     name = f"orders_bench_{uuid.uuid4().hex[:12]}"
     admin = psycopg2.connect(admin_url)
     admin.autocommit = True
@@ -249,6 +254,8 @@ def fresh_database(admin_url: str) -> Iterator[str]:
                 cur.execute(schema_sql())
         finally:
             conn.close()
+        with admin.cursor() as cur, contextlib.suppress(psycopg2.Error):
+            cur.execute("CHECKPOINT")
         yield url
         with admin.cursor() as cur:
             cur.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -1,4 +1,5 @@
-"""What the agent does with a batch: validate, commit, project into the view, then settle."""
+"""What the agent does with a batch: validate, commit, project into the view, then settle;
+the next batch is validated while this one commits."""
 
 from __future__ import annotations
 
@@ -47,25 +48,46 @@ class BatchProcessor:
         self.view = follower.view
         self.metrics = metrics or Metrics()
         self._activity = _ActivityLog(log_uids_max)
+        self._committing: asyncio.Task[None] | None = None
 
     async def process(self, batch: Sequence[Envelope]) -> None:
-        """Commit, project and settle one batch; never raises but for cancellation."""
+        """Validate, commit, project and settle one batch; return once it is settled."""
+        await self.submit(batch)
+        await self.drain()
+
+    async def submit(self, batch: Sequence[Envelope]) -> None:
+        """Validate ``batch`` while the batch before it is being committed, then start its
+        commit once that one is settled; return without waiting for this one.
+
+        Validation is CPU in this process and the commit mostly waits for PostgreSQL, so the
+        two overlap; the commits stay one at a time and in order. Never raises but for
+        cancellation, and a cancelled submit fails its batch (NATS delivers it again).
+        """
         started = time.perf_counter()
-        orders: list[_Order] = []
-        rejects: list[_Reject] = []
-        for envelope_index, envelope in enumerate(batch):
-            for index, raw in enumerate(envelope.raws):
-                try:
-                    verdict = validate(raw)
-                except Exception as exc:
-                    # validate() is meant never to raise; if it does, that message alone is
-                    # refused, and the agent goes on.
-                    verdict = Rejected(f"could not be validated: {exc!r}"[:500])
-                if isinstance(verdict, Accepted):
-                    orders.append(((envelope_index, index), verdict))
-                else:
-                    letter = DeadLetter(raw, verdict.reason, envelope.source(index))
-                    rejects.append(((envelope_index, index), letter))
+        orders, rejects = _validate(batch)
+        try:
+            await self.drain()
+        except asyncio.CancelledError:
+            for envelope in batch:
+                envelope.fail()
+            raise
+        self._committing = asyncio.create_task(
+            self._commit_staged(batch, orders, rejects, started), name="orders-commit"
+        )
+
+    async def drain(self) -> None:
+        """Wait until the batch last submitted is settled. Cancelling the wait does not
+        cancel the commit."""
+        if self._committing is not None:
+            await asyncio.shield(self._committing)
+
+    async def _commit_staged(
+        self,
+        batch: Sequence[Envelope],
+        orders: list[_Order],
+        rejects: list[_Reject],
+        started: float,
+    ) -> None:
         refused: set[_Position] = set()
         async with self.follower.committing():
             try:
@@ -177,6 +199,25 @@ class BatchProcessor:
             if attempt:
                 log.info("database back after %d retries; batch committed", attempt)
             return result
+
+
+def _validate(batch: Sequence[Envelope]) -> tuple[list[_Order], list[_Reject]]:
+    orders: list[_Order] = []
+    rejects: list[_Reject] = []
+    for envelope_index, envelope in enumerate(batch):
+        for index, raw in enumerate(envelope.raws):
+            try:
+                verdict = validate(raw)
+            except Exception as exc:
+                # validate() is meant never to raise; if it does, that message alone is
+                # refused, and the agent goes on.
+                verdict = Rejected(f"could not be validated: {exc!r}"[:500])
+            if isinstance(verdict, Accepted):
+                orders.append(((envelope_index, index), verdict))
+            else:
+                letter = DeadLetter(raw, verdict.reason, envelope.source(index))
+                rejects.append(((envelope_index, index), letter))
+    return orders, rejects
 
 
 class _ActivityLog:

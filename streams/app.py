@@ -97,7 +97,7 @@ def create_app(settings: Settings) -> OrdersApp:
         async for batch in stream.take(_ENVELOPES_PER_BATCH, within=within):
             processor = app.runtime.processor
             assert processor is not None, "the inflow starts only after the processor exists"
-            await processor.process(batch)
+            await processor.submit(batch)
 
     bridge = NatsBridge(settings, app.submit, app.metrics)
     app.runtime.add_inflow(bridge.start, bridge.stop)

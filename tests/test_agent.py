@@ -115,3 +115,52 @@ async def test_database_outage_mid_run_acks_nothing_until_committed(
     assert outcomes(batch) == [Outcome.STORED, Outcome.STORED, Outcome.REJECTED]
     assert len(await store.read_events(0, 10)) == 3
     assert len(processor.view) == 3
+
+
+async def test_submitted_batches_commit_one_at_a_time_in_order(
+    store: PostgresEventStore, database_switch: DatabaseSwitch
+) -> None:
+    """submit() validates a batch while the one before it commits, but starts a commit only
+    once the one before is settled: the log holds the batches in the order submitted, and a
+    batch is never settled before it is committed."""
+    processor = BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
+    await processor.process(envelopes(order_bytes(new_uid())))  # the pool holds a live connection
+    first_uids, second_uids = [new_uid(), new_uid()], [new_uid(), new_uid()]
+    first = envelopes(*(order_bytes(uid) for uid in first_uids))
+    second = envelopes(*(order_bytes(uid) for uid in second_uids))
+    database_switch.refuse()
+    await processor.submit(first)  # returns while the first commit waits for the database
+    submitting = asyncio.create_task(processor.submit(second))
+    await asyncio.sleep(1.0)
+    assert not submitting.done(), "the second commit waits for the first"
+    assert outcomes(first) == outcomes(second) == [None, None]
+    database_switch.allow()
+    await asyncio.wait_for(submitting, timeout=30)
+    assert outcomes(first) == [Outcome.STORED, Outcome.STORED], "settled before the next began"
+    await asyncio.wait_for(processor.drain(), timeout=30)
+    assert outcomes(second) == [Outcome.STORED, Outcome.STORED]
+    log = [event.order_uid for event in await store.read_events(0, 10)]
+    assert log[1:] == first_uids + second_uids
+    assert list(processor.view)[1:] == first_uids + second_uids
+
+
+async def test_a_submit_cancelled_while_waiting_fails_its_batch_only(
+    store: PostgresEventStore, database_switch: DatabaseSwitch
+) -> None:
+    """A stop that cancels the agent while its batch waits for the commit before it: that
+    batch is failed (NATS redelivers it), and the commit already under way still completes."""
+    processor = BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
+    await processor.process(envelopes(order_bytes(new_uid())))
+    first = envelopes(order_bytes(new_uid()))
+    second = envelopes(order_bytes(new_uid()))
+    database_switch.refuse()
+    await processor.submit(first)
+    submitting = asyncio.create_task(processor.submit(second))
+    await asyncio.sleep(0.5)
+    submitting.cancel()
+    await asyncio.gather(submitting, return_exceptions=True)
+    assert outcomes(second) == [Outcome.FAILED]
+    database_switch.allow()
+    await asyncio.wait_for(processor.drain(), timeout=30)
+    assert outcomes(first) == [Outcome.STORED]
+    assert len(await store.read_events(0, 10)) == 2
