@@ -101,7 +101,13 @@ def create_app(settings: Settings) -> OrdersApp:
 
     bridge = NatsBridge(settings, app.submit, app.metrics)
     app.runtime.add_inflow(bridge.start, bridge.stop)
-    install_routes(app, app.view, app.runtime.readiness, app.metrics.registry)
+    install_routes(
+        app,
+        app.view,
+        app.runtime.readiness,
+        app.metrics.registry,
+        app.metrics.http if settings.http_metrics else None,
+    )
     install_commands(app)
     return app
 

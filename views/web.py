@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import importlib.resources
 import re
+import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 import faust
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from streams.metrics import HttpMetrics
 from streams.validation import UID_PATTERN
 from views.view import OrdersView
 
@@ -33,24 +35,48 @@ def install_routes(
     view: OrdersView,
     readiness: Callable[[], tuple[bool, dict[str, object]]],
     registry: CollectorRegistry,
+    http: HttpMetrics | None = None,
 ) -> None:
     """Register the routes: ``/orders/{uid}``, the page (``/``, ``/app.js``, ``/app.css``),
-    ``/openapi.json``, ``/metrics``, ``/healthz`` and ``/readyz``."""
+    ``/openapi.json``, ``/metrics``, ``/healthz`` and ``/readyz``. ``http`` counts the
+    requests of ``/orders/{uid}``, which bypasses the sensors (see :class:`OrderPage`)."""
     index_html = _static("index.html").decode("utf-8")
 
-    @app.page("/orders/{uid}", name="order")
-    async def order(self: View, request: Request, uid: str) -> Response:
-        if not _UID.match(uid):
-            return _error(
-                self, 400, "malformed order_uid: expected 1 to 64 letters, digits, '_' or '-'"
-            )
-        payload = view.get(uid)
-        if payload is None:
+    class OrderPage(View):
+        """``GET /orders/{uid}``, the route that takes the load.
+
+        Faust's ``View.dispatch`` hands every request to the sensors (a state dict per
+        sensor, a start and an end call each) and looks the handler up by method; here
+        ``dispatch`` answers itself and counts the request into the same HTTP metrics as
+        the service's monitor does for the other routes (route ``order``). Everything else,
+        registration and the response types included, is Faust's.
+        """
+
+        async def get(self, request: Request, uid: str) -> Response:
+            return self.answer(uid)
+
+        async def dispatch(self, request: Any) -> Any:
+            started = time.perf_counter()
+            response = self.answer(request.match_info["uid"])
+            if http is not None:
+                http.observe("order", response.status, time.perf_counter() - started)
+            return response
+
+        def answer(self, uid: str) -> Response:
+            payload = view.get(uid)
+            if payload is not None:
+                # Only uids that passed validation are in the view: no need to check first.
+                return self.bytes(payload, content_type=_JSON)
+            if not _UID.match(uid):
+                return _error(
+                    self, 400, "malformed order_uid: expected 1 to 64 letters, digits, '_' or '-'"
+                )
             if not readiness()[0]:
                 # Not known yet is not the same as not there: ask the client to come back.
                 return _error(self, 503, "the service is still loading orders; try again shortly")
             return _error(self, 404, f"order {uid} not found")
-        return self.bytes(payload, content_type=_JSON)
+
+    app.page("/orders/{uid}", name="order")(OrderPage)
 
     @app.page("/", name="index")
     async def index(self: View, request: Request) -> Response:
