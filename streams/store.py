@@ -7,14 +7,16 @@ arrays (``unnest``), and replay reads keyset pages (``seq > last ORDER BY seq LI
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import importlib.resources
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Final, Protocol
 
 import aiopg
 import psycopg2
+import psycopg2.extensions
 
 from streams.validation import Accepted
 
@@ -72,6 +74,8 @@ class EventStore(Protocol):
     ) -> BatchResult: ...
 
     async def read_events(self, after: int, limit: int) -> list[Event]: ...
+
+    def read_pages(self, after: int, page_size: int) -> AsyncGenerator[list[Event], None]: ...
 
     async def head(self) -> int: ...
 
@@ -251,8 +255,44 @@ class PostgresEventStore:
     async def read_events(self, after: int, limit: int) -> list[Event]:
         """Up to ``limit`` events with ``seq > after``, in seq order (one keyset page)."""
         async with self._cursor() as cur:
+            _text_as_bytes(cur)
             await cur.execute(_READ, (after, limit))
-            return [Event(seq, uid, text.encode()) for seq, uid, text in await cur.fetchall()]
+            return _events(await cur.fetchall())
+
+    async def read_pages(self, after: int, page_size: int) -> AsyncGenerator[list[Event], None]:
+        """Every event with ``seq > after`` to the end of the log, in seq order, in pages of
+        up to ``page_size``.
+
+        Two connections take turns: as soon as one page is in, the next is asked for on the
+        other, and only then are this page's rows turned into Python objects, so PostgreSQL
+        reads and sends the next page meanwhile. (One connection cannot do it: psycopg2
+        refuses to fetch while a query of the same connection is under way.) Each page is a
+        query of its own either way; the append lock keeps every snapshot a prefix of the log.
+        """
+        async with self._cursor() as current, self._cursor() as spare:
+            _text_as_bytes(current)
+            _text_as_bytes(spare)
+            await current.execute(_READ, (after, page_size))
+            while count := current.rowcount:
+                asking: asyncio.Future[None] | None = None
+                if count == page_size:
+                    await current.scroll(count - 1, mode="absolute")
+                    (last_seq, _, _) = await current.fetchone()
+                    await current.scroll(0, mode="absolute")
+                    asking = asyncio.ensure_future(spare.execute(_READ, (last_seq, page_size)))
+                    await asyncio.sleep(0)  # the query goes out on the task's first step
+                try:
+                    yield _events(await current.fetchall())
+                except BaseException:
+                    if asking is not None:
+                        asking.cancel()
+                        with contextlib.suppress(BaseException):
+                            await asking
+                    raise
+                if asking is None:
+                    return
+                await asking
+                current, spare = spare, current
 
     async def head(self) -> int:
         """The last seq in the log (0 when it is empty)."""
@@ -322,6 +362,16 @@ class Listener:
     async def close(self) -> None:
         """Close the connection."""
         await self._conn.close()
+
+
+def _text_as_bytes(cur: aiopg.Cursor) -> None:
+    # Payloads arrive as the bytes the view serves, not as str to be encoded again; the
+    # cursor alone is changed, not the pooled connection.
+    psycopg2.extensions.register_type(psycopg2.extensions.BYTES, cur.raw)
+
+
+def _events(rows: Sequence[tuple[int, bytes, bytes]]) -> list[Event]:
+    return [Event(seq, uid.decode(), payload) for seq, uid, payload in rows]
 
 
 def _by_seq(event: Event) -> int:

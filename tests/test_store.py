@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
+import orjson
 import psycopg2
 import pytest
 
@@ -79,6 +81,33 @@ async def test_replay_reads_in_seq_order_across_page_boundaries(store: PostgresE
         after = page[-1].seq
     assert seen == uids
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+async def test_read_pages_returns_the_rest_of_the_log_in_pages(store: PostgresEventStore) -> None:
+    """read_pages (the replay's reader, which asks for a page before handing over the one
+    before it) gives every event after the seq it starts from, once, in seq order, in pages
+    no larger than asked, with the payloads as the bytes stored."""
+    uids = [new_uid() for _ in range(11)]
+    await store.write_batch([accepted(uid) for uid in uids], [])
+    first = (await store.read_events(0, 1))[0].seq
+    pages = [page async for page in store.read_pages(first + 1, 4)]
+    assert [len(page) for page in pages] == [4, 4, 1]
+    events = [event for page in pages for event in page]
+    assert [event.order_uid for event in events] == uids[2:]
+    assert [event.seq for event in events] == list(range(first + 2, first + 11))
+    assert all(orjson.loads(event.payload)["order_uid"] == event.order_uid for event in events)
+
+
+async def test_a_replay_stopped_early_returns_its_connection(store: PostgresEventStore) -> None:
+    """Leaving read_pages after its first page, while it has asked for the next, hands the
+    connection back to the pool in a usable state."""
+    await store.write_batch([accepted(new_uid()) for _ in range(6)], [])
+    for _ in range(6):  # more times than the pool has connections
+        async with contextlib.aclosing(store.read_pages(0, 2)) as pages:
+            async for page in pages:
+                assert len(page) == 2
+                break
+    assert len(await store.read_events(0, 100)) == 6
 
 
 async def test_concurrent_appenders_never_let_a_reader_skip_a_row(database_url: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import gc
@@ -79,31 +78,23 @@ async def restore(
     The same function rebuilds the view at boot and in the ``replay`` command. ``on_page``
     hears how many events each page applied (for a progress display).
 
-    The next page is asked for before the current one is projected, so PostgreSQL works on it
-    meanwhile instead of waiting; and the cyclic garbage collector, which would otherwise
-    sweep again and again over the rows being created, is paused until the end.
+    The store asks for the next page before it hands over the current one, so PostgreSQL
+    works on it while this one is projected; and the cyclic garbage collector, which would
+    otherwise sweep again and again over the rows being created, is paused until the end.
     """
     started = time.perf_counter()
     applied = 0
     collecting = gc.isenabled()
     gc.disable()
-    ahead: asyncio.Future[list[Event]] | None = None
     try:
-        ahead = asyncio.ensure_future(store.read_events(view.last_seq, page_size))
-        while ahead is not None:
-            page = await ahead
-            ahead = None
-            if len(page) == page_size:
-                ahead = asyncio.ensure_future(store.read_events(page[-1].seq, page_size))
-            added = view.project(page)
-            applied += added
-            if on_page is not None:
-                on_page(added)
+        # aclosing: a replay that stops early hands its connection back at once.
+        async with contextlib.aclosing(store.read_pages(view.last_seq, page_size)) as pages:
+            async for page in pages:
+                added = view.project(page)
+                applied += added
+                if on_page is not None:
+                    on_page(added)
     finally:
-        if ahead is not None:
-            ahead.cancel()
-            with contextlib.suppress(BaseException):
-                await ahead
         if collecting:
             gc.enable()
     return RestoreStats(applied, view.last_seq, time.perf_counter() - started)
