@@ -1,5 +1,5 @@
 """What the agent does with a batch: validate, commit, project into the view, then settle;
-the next batch is validated while this one commits."""
+two batches commit at once, and are projected and settled in order."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 _FIRST_RETRY_S: Final = 0.1
 _LAST_RETRY_S: Final = 5.0
 _SUMMARY_EVERY_S: Final = 5.0
+_COMMITS_IN_FLIGHT: Final = 2
 
 # Where a message sits in a batch: (envelope, message) indexes.
 _Position = tuple[int, int]
@@ -49,6 +50,8 @@ class BatchProcessor:
         self.metrics = metrics or Metrics()
         self._activity = _ActivityLog(log_uids_max)
         self._committing: asyncio.Task[None] | None = None
+        self._room = asyncio.Semaphore(_COMMITS_IN_FLIGHT)
+        self._in_flight = 0
 
     async def process(self, batch: Sequence[Envelope]) -> None:
         """Validate, commit, project and settle one batch; return once it is settled."""
@@ -56,23 +59,34 @@ class BatchProcessor:
         await self.drain()
 
     async def submit(self, batch: Sequence[Envelope]) -> None:
-        """Validate ``batch`` while the batch before it is being committed, then start its
-        commit once that one is settled; return without waiting for this one.
+        """Validate ``batch``, start its commit, and return without waiting for it.
 
-        Validation is CPU in this process and the commit mostly waits for PostgreSQL, so the
-        two overlap; the commits stay one at a time and in order. Never raises but for
+        Two commits run at once, each on its own connection: PostgreSQL's append lock makes
+        the second wait inside the database and go on the moment the first commits, instead
+        of waiting for this process to come round to it. Batches are applied to the view and
+        settled one at a time, in the order submitted, and each only after its commit. The
+        follower is held from the first commit in flight until the last is applied, so that
+        a catch-up never projects the agent's own rows from the log. Never raises but for
         cancellation, and a cancelled submit fails its batch (NATS delivers it again).
         """
         started = time.perf_counter()
         orders, rejects = _validate(batch)
         try:
-            await self.drain()
+            await self._room.acquire()
+            try:
+                if not self._in_flight:
+                    await self.follower.hold()
+            except BaseException:
+                self._room.release()
+                raise
         except asyncio.CancelledError:
             for envelope in batch:
                 envelope.fail()
             raise
+        self._in_flight += 1
         self._committing = asyncio.create_task(
-            self._commit_staged(batch, orders, rejects, started), name="orders-commit"
+            self._commit_staged(batch, orders, rejects, started, self._committing),
+            name="orders-commit",
         )
 
     async def drain(self) -> None:
@@ -87,9 +101,10 @@ class BatchProcessor:
         orders: list[_Order],
         rejects: list[_Reject],
         started: float,
+        before: asyncio.Task[None] | None,
     ) -> None:
         refused: set[_Position] = set()
-        async with self.follower.committing():
+        try:
             try:
                 results = await self._commit(orders, rejects, refused, batch)
             except Exception:
@@ -98,12 +113,20 @@ class BatchProcessor:
                 for envelope in batch:
                     envelope.fail()
                 return
+            finally:
+                if before is not None:
+                    await before  # never raises: it is this method
             try:
                 for result in results:
                     await self.follower.apply(result)
             except Exception:
                 # Committed is committed: settle (and ack) even if the view catches up later.
                 log.exception("projecting a committed batch failed; the view catches up later")
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self.follower.release()
+            self._room.release()
         self._settle(batch, orders, refused, results)
         seconds = time.perf_counter() - started
         self._activity.batch(results, seconds)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import orjson
 
@@ -117,50 +118,59 @@ async def test_database_outage_mid_run_acks_nothing_until_committed(
     assert len(processor.view) == 3
 
 
-async def test_submitted_batches_commit_one_at_a_time_in_order(
+async def test_two_batches_commit_at_once_and_settle_in_order(
     store: PostgresEventStore, database_switch: DatabaseSwitch
 ) -> None:
-    """submit() validates a batch while the one before it commits, but starts a commit only
-    once the one before is settled: the log holds the batches in the order submitted, and a
-    batch is never settled before it is committed."""
+    """submit() starts a commit and returns; two commits may be in flight, a third batch
+    waits for room. Nothing is settled before its commit, batches settle in the order
+    submitted, and the view ends equal to the log."""
     processor = BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
     await processor.process(envelopes(order_bytes(new_uid())))  # the pool holds a live connection
-    first_uids, second_uids = [new_uid(), new_uid()], [new_uid(), new_uid()]
-    first = envelopes(*(order_bytes(uid) for uid in first_uids))
-    second = envelopes(*(order_bytes(uid) for uid in second_uids))
+    uids = [[new_uid(), new_uid()] for _ in range(3)]
+    batches = [envelopes(*(order_bytes(uid) for uid in pair)) for pair in uids]
+    settled: list[int] = []
+
+    def note(number: int) -> Callable[[object], None]:
+        return lambda _: settled.append(number)
+
+    for number, batch in enumerate(batches):
+        for envelope in batch:
+            envelope.settled.add_done_callback(note(number))
     database_switch.refuse()
-    await processor.submit(first)  # returns while the first commit waits for the database
-    submitting = asyncio.create_task(processor.submit(second))
+    await asyncio.wait_for(processor.submit(batches[0]), timeout=5)
+    await asyncio.wait_for(processor.submit(batches[1]), timeout=5)
+    third = asyncio.create_task(processor.submit(batches[2]))
     await asyncio.sleep(1.0)
-    assert not submitting.done(), "the second commit waits for the first"
-    assert outcomes(first) == outcomes(second) == [None, None]
+    assert not third.done(), "a third commit waits until one of two is settled"
+    assert [outcomes(batch) for batch in batches] == [[None, None]] * 3
     database_switch.allow()
-    await asyncio.wait_for(submitting, timeout=30)
-    assert outcomes(first) == [Outcome.STORED, Outcome.STORED], "settled before the next began"
+    await asyncio.wait_for(third, timeout=30)
     await asyncio.wait_for(processor.drain(), timeout=30)
-    assert outcomes(second) == [Outcome.STORED, Outcome.STORED]
-    log = [event.order_uid for event in await store.read_events(0, 10)]
-    assert log[1:] == first_uids + second_uids
-    assert list(processor.view)[1:] == first_uids + second_uids
+    assert [outcomes(batch) for batch in batches] == [[Outcome.STORED] * 2] * 3
+    assert settled == [0, 1, 2]
+    log = {event.order_uid: event.seq for event in await store.read_events(0, 10)}
+    assert set(log) >= {uid for pair in uids for uid in pair}
+    assert set(processor.view) == set(log)
+    assert processor.view.last_seq == max(log.values())
 
 
 async def test_a_submit_cancelled_while_waiting_fails_its_batch_only(
     store: PostgresEventStore, database_switch: DatabaseSwitch
 ) -> None:
-    """A stop that cancels the agent while its batch waits for the commit before it: that
-    batch is failed (NATS redelivers it), and the commit already under way still completes."""
+    """A stop that cancels the agent while its batch waits for room: that batch is failed
+    (NATS redelivers it), and the commits already under way still complete."""
     processor = BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
     await processor.process(envelopes(order_bytes(new_uid())))
-    first = envelopes(order_bytes(new_uid()))
-    second = envelopes(order_bytes(new_uid()))
+    first, second, third = (envelopes(order_bytes(new_uid())) for _ in range(3))
     database_switch.refuse()
     await processor.submit(first)
-    submitting = asyncio.create_task(processor.submit(second))
+    await processor.submit(second)
+    submitting = asyncio.create_task(processor.submit(third))
     await asyncio.sleep(0.5)
     submitting.cancel()
     await asyncio.gather(submitting, return_exceptions=True)
-    assert outcomes(second) == [Outcome.FAILED]
+    assert outcomes(third) == [Outcome.FAILED]
     database_switch.allow()
     await asyncio.wait_for(processor.drain(), timeout=30)
-    assert outcomes(first) == [Outcome.STORED]
-    assert len(await store.read_events(0, 10)) == 2
+    assert outcomes(first) == outcomes(second) == [Outcome.STORED]
+    assert len(await store.read_events(0, 10)) == 3

@@ -50,8 +50,20 @@ class ViewFollower:
     async def committing(self) -> AsyncIterator[None]:
         """Held by the agent from its write until it has applied the result: a catch-up
         cannot slip in between and project the agent's own rows from the log first."""
-        async with self._lock:
+        await self.hold()
+        try:
             yield
+        finally:
+            self.release()
+
+    async def hold(self) -> None:
+        """Keep catch-ups out until :meth:`release`, from any task: the agent holds the
+        follower while any of its commits is not yet applied."""
+        await self._lock.acquire()
+
+    def release(self) -> None:
+        """Let catch-ups run again."""
+        self._lock.release()
 
     async def apply(self, result: BatchResult) -> None:
         """Project a batch this worker just committed; call it inside :meth:`committing`.
