@@ -115,7 +115,9 @@ class BatchProcessor:
                 return
             finally:
                 if before is not None:
-                    await before  # never raises: it is this method
+                    # Applied and settled in order. Shielded: a cancelled commit must not
+                    # cancel the one before it. It never raises: it is this method.
+                    await asyncio.shield(before)
             try:
                 for result in results:
                     await self.follower.apply(result)

@@ -98,9 +98,9 @@ async def test_read_pages_returns_the_rest_of_the_log_in_pages(store: PostgresEv
     assert all(orjson.loads(event.payload)["order_uid"] == event.order_uid for event in events)
 
 
-async def test_a_replay_stopped_early_returns_its_connection(store: PostgresEventStore) -> None:
+async def test_a_replay_stopped_early_returns_its_connections(store: PostgresEventStore) -> None:
     """Leaving read_pages after its first page, while it has asked for the next, hands the
-    connection back to the pool in a usable state."""
+    connections back to the pool in a usable state."""
     await store.write_batch([accepted(new_uid()) for _ in range(6)], [])
     for _ in range(6):  # more times than the pool has connections
         async with contextlib.aclosing(store.read_pages(0, 2)) as pages:

@@ -87,7 +87,7 @@ async def restore(
     collecting = gc.isenabled()
     gc.disable()
     try:
-        # aclosing: a replay that stops early hands its connection back at once.
+        # aclosing: a replay that stops early hands its connections back at once.
         async with contextlib.aclosing(store.read_pages(view.last_seq, page_size)) as pages:
             async for page in pages:
                 added = view.project(page)
