@@ -63,6 +63,7 @@ class NatsBridge:
         self.url: str | None = None
         self._errors = _RepeatedWarning()
         self._answered = False  # a pull request was answered since the last bind
+        self._inboxes: list[Inbox] = []
 
     async def start(self) -> None:
         """Resolve the server (starting the embedded one if needed) and start consuming."""
@@ -134,6 +135,7 @@ class NatsBridge:
     async def _fetch_until_rebind(self, nc: Client) -> None:
         settings = self.settings
         inboxes = [Inbox(nc, settings.nats_stream, settings.nats_durable) for _ in range(_INBOXES)]
+        self._inboxes = inboxes
         free: asyncio.Queue[Inbox] = asyncio.Queue()
         try:
             for inbox in inboxes:
@@ -149,11 +151,7 @@ class NatsBridge:
                 # An inbox is free again once the acks of its last batch are sent: at most
                 # _INBOXES batches are in the agent or waiting for their commit.
                 inbox = await free.get()
-                try:
-                    messages = await inbox.fetch(settings.batch_size, _FETCH_WAIT_S)
-                except BaseException:
-                    free.put_nowait(inbox)
-                    raise
+                messages = await inbox.fetch(settings.batch_size, _FETCH_WAIT_S)
                 self._answered = True
                 if not messages:
                     free.put_nowait(inbox)
@@ -254,6 +252,10 @@ class NatsBridge:
         self.metrics.nats_reconnects.inc()
         log.info("reconnected to NATS at %s; binding the consumer again", _url_of(self._nc))
         self._rebind.set()
+        # A fetch waiting on a request sent before the reconnect would wait its full time
+        # and end as "JetStream did not answer": the server may have forgotten it.
+        for inbox in self._inboxes:
+            inbox.forget_requests()
 
     async def _on_error(self, exc: Exception) -> None:
         self._errors.report(_describe(exc))

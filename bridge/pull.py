@@ -141,7 +141,10 @@ class Inbox:
         if status == StatusCode.CONTROL_MESSAGE:
             self._answered = True
             return
-        if status not in _ENDS_REQUEST:
+        if status == StatusCode.SERVICE_UNAVAILABLE:
+            # "No responders": its description is empty (nats-py shows the next header there).
+            self._refusal = "503 no responders: no such consumer, or JetStream is not running"
+        elif status not in _ENDS_REQUEST:
             assert headers is not None
             reason = (headers.get(Header.DESCRIPTION) or "").strip().splitlines()
             self._refusal = f"{status} {reason[0] if reason else ''}".strip()

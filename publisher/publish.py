@@ -17,7 +17,7 @@ import nats.js.errors
 import orjson
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import Header
+from nats.js.api import Header, StatusCode
 
 from publisher.messages import Message
 
@@ -184,7 +184,7 @@ class _InFlight:
 
 
 def _refusal(reply: Msg) -> BaseException | None:
-    if reply.headers and reply.headers.get(Header.STATUS) == _NO_RESPONDERS:
+    if reply.headers and reply.headers.get(Header.STATUS) == StatusCode.SERVICE_UNAVAILABLE:
         return nats.js.errors.NoStreamResponseError()
     if b'"error"' not in reply.data:
         return None
@@ -199,4 +199,3 @@ def _refusal(reply: Msg) -> BaseException | None:
 
 
 _MSG_ID = Header.MSG_ID.value
-_NO_RESPONDERS = "503"
