@@ -10,6 +10,7 @@ from typing import Any, Final
 import orjson
 import psycopg2
 
+from bench.servers import query
 from publisher.generate import OrderFactory
 from publisher.messages import Message
 from streams.store import EVENT_TYPE
@@ -94,21 +95,9 @@ def load_events(dsn: str, count: int, *, salt: str = "bench") -> tuple[float, in
 
 def uids(dsn: str) -> list[str]:
     """Every order_uid in the log, in seq order."""
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT order_uid FROM orders_events ORDER BY seq")
-            return [str(uid) for (uid,) in cur.fetchall()]
-    finally:
-        conn.close()
+    return [str(uid) for (uid,) in query(dsn, "SELECT order_uid FROM orders_events ORDER BY seq")]
 
 
 def count_events(dsn: str) -> int:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM orders_events")
-            row = cur.fetchone()
-            return int(row[0])
-    finally:
-        conn.close()
+    ((count,),) = query(dsn, "SELECT count(*) FROM orders_events")
+    return int(count)

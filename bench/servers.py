@@ -55,6 +55,17 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
 
 
+def query(dsn: str, sql: str) -> list[tuple[Any, ...]]:
+    """Every row of one query, on a connection of its own."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return list(cur.fetchall())
+    finally:
+        conn.close()
+
+
 def load_average() -> tuple[float, float, float]:
     """The 1, 5 and 15 minute load averages."""
     one, five, fifteen = os.getloadavg()
@@ -215,14 +226,8 @@ class Servers:
         return {"postgres": postgres, "nats": nats_server}
 
     def postgres_version(self) -> str:
-        conn = psycopg2.connect(self.admin_url)
-        try:
-            with conn.cursor() as cur:
-                cur.execute("SHOW server_version")
-                row = cur.fetchone()
-                return str(row[0])
-        finally:
-            conn.close()
+        ((version,),) = query(self.admin_url, "SHOW server_version")
+        return str(version)
 
     async def nats_version(self) -> str:
         nc = await nats.connect(self.nats_url)
