@@ -73,8 +73,6 @@ class EventStore(Protocol):
         self, orders: Sequence[Accepted], rejects: Sequence[DeadLetter]
     ) -> BatchResult: ...
 
-    async def read_events(self, after: int, limit: int) -> list[Event]: ...
-
     def read_pages(self, after: int, page_size: int) -> AsyncGenerator[list[Event], None]: ...
 
     async def head(self) -> int: ...
@@ -253,7 +251,8 @@ class PostgresEventStore:
         )
 
     async def read_events(self, after: int, limit: int) -> list[Event]:
-        """Up to ``limit`` events with ``seq > after``, in seq order (one keyset page)."""
+        """Up to ``limit`` events with ``seq > after``, in seq order (one keyset page): a look
+        at the log for operators' commands and tests; the view reads with :meth:`read_pages`."""
         async with self._cursor() as cur:
             _text_as_bytes(cur)
             await cur.execute(_READ, (after, limit))

@@ -66,7 +66,7 @@ class ViewFollower:
         self._lock.release()
 
     async def apply(self, result: BatchResult) -> None:
-        """Project a batch this worker just committed; call it inside :meth:`committing`.
+        """Project a batch this worker just committed, while it holds the follower.
 
         When the log held nothing the view lacks just before the batch, its events go in as
         they are; otherwise another writer's events come first, read from the log. If that
@@ -75,7 +75,7 @@ class ViewFollower:
         """
         if not result.stored:
             return
-        assert self._lock.locked(), "apply() belongs inside committing()"
+        assert self._lock.locked(), "apply() belongs between hold() and release()"
         self.head = max(self.head, result.stored[-1].seq)
         if self.view.last_seq < result.previous_seq:
             try:

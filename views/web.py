@@ -53,6 +53,7 @@ def install_routes(
         """
 
         async def get(self, request: Request, uid: str) -> Response:
+            # Faust routes the methods a view defines; dispatch below answers them.
             return self.answer(uid)
 
         async def dispatch(self, request: Any) -> Any:
