@@ -12,12 +12,22 @@ CREATE TABLE IF NOT EXISTS orders_events (
 );
 
 -- Messages that are not orders, kept with the reason they were refused. source names where a
--- message came from (for NATS: stream and stream sequence) and is unique when known, so a
--- redelivered message is dead-lettered once.
+-- message came from (for NATS: stream and stream sequence). A redelivered message (same source,
+-- same bytes) is dead-lettered once; another message under a source seen before (a stream
+-- recreated, its sequences started again) is kept beside the first.
 CREATE TABLE IF NOT EXISTS orders_dead_letters (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     raw         bytea       NOT NULL,
     reason      text        NOT NULL,
-    source      text        UNIQUE,
+    source      text,
     received_at timestamptz NOT NULL DEFAULT now()
 );
+-- Tables made by earlier versions had source alone UNIQUE, which dropped such a message.
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'orders_dead_letters_source_key') THEN
+        ALTER TABLE orders_dead_letters DROP CONSTRAINT orders_dead_letters_source_key;
+    END IF;
+END $$;
+CREATE UNIQUE INDEX IF NOT EXISTS orders_dead_letters_source_raw_key
+    ON orders_dead_letters (source, sha256(raw));

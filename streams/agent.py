@@ -11,7 +11,15 @@ from typing import Final
 
 from streams.envelope import Envelope, Outcome
 from streams.metrics import Metrics, reason_class
-from streams.store import BatchResult, DeadLetter, EventStore, RefusedByDatabase, StoreUnavailable
+from streams.store import (
+    AccessDenied,
+    BatchResult,
+    DeadLetter,
+    EventStore,
+    RefusedByDatabase,
+    StatementTimedOut,
+    StoreUnavailable,
+)
 from streams.validation import Accepted, Rejected, validate
 from views.follower import ViewFollower
 
@@ -20,6 +28,7 @@ log = logging.getLogger(__name__)
 _FIRST_RETRY_S: Final = 0.1
 _LAST_RETRY_S: Final = 5.0
 _SUMMARY_EVERY_S: Final = 5.0
+_REMIND_EVERY_S: Final = 60.0
 _COMMITS_IN_FLIGHT: Final = 2
 
 # Where a message sits in a batch: (envelope, message) indexes.
@@ -33,7 +42,9 @@ class BatchProcessor:
 
     The order of work is the service's promise: commit first, then project into the view,
     then settle the envelopes so that the bridge may ack. A database that is away is retried
-    with backoff for as long as it takes; the batch is never acked meanwhile.
+    with backoff for as long as it takes; the batch is never acked meanwhile. A batch whose
+    statement runs past the timeout is split, so that one slow order holds up only itself.
+    While writes fail, :attr:`problem` says why (for /readyz).
     """
 
     def __init__(
@@ -49,9 +60,14 @@ class BatchProcessor:
         self.view = follower.view
         self.metrics = metrics or Metrics()
         self._activity = _ActivityLog(log_uids_max)
+        self._outage = _Outage()
         self._committing: asyncio.Task[None] | None = None
         self._room = asyncio.Semaphore(_COMMITS_IN_FLIGHT)
-        self._in_flight = 0
+
+    @property
+    def problem(self) -> str | None:
+        """Why writes are failing right now, or ``None`` while they succeed."""
+        return self._outage.problem
 
     async def process(self, batch: Sequence[Envelope]) -> None:
         """Validate, commit, project and settle one batch; return once it is settled."""
@@ -64,26 +80,18 @@ class BatchProcessor:
         Two commits run at once, each on its own connection: PostgreSQL's append lock makes
         the second wait inside the database and go on the moment the first commits, instead
         of waiting for this process to come round to it. Batches are applied to the view and
-        settled one at a time, in the order submitted, and each only after its commit. The
-        follower is held from the first commit in flight until the last is applied, so that
-        a catch-up never projects the agent's own rows from the log. Never raises but for
-        cancellation, and a cancelled submit fails its batch (NATS delivers it again).
+        settled one at a time, in the order submitted, and each only after its commit. Never
+        raises but for cancellation, and a cancelled submit fails its batch (NATS delivers it
+        again).
         """
         started = time.perf_counter()
         orders, rejects = _validate(batch)
         try:
             await self._room.acquire()
-            try:
-                if not self._in_flight:
-                    await self.follower.hold()
-            except BaseException:
-                self._room.release()
-                raise
         except asyncio.CancelledError:
             for envelope in batch:
                 envelope.fail()
             raise
-        self._in_flight += 1
         self._committing = asyncio.create_task(
             self._commit_staged(batch, orders, rejects, started, self._committing),
             name="orders-commit",
@@ -125,9 +133,6 @@ class BatchProcessor:
                 # Committed is committed: settle (and ack) even if the view catches up later.
                 log.exception("projecting a committed batch failed; the view catches up later")
         finally:
-            self._in_flight -= 1
-            if not self._in_flight:
-                self.follower.release()
             self._room.release()
         self._settle(batch, orders, refused, results)
         seconds = time.perf_counter() - started
@@ -179,51 +184,140 @@ class BatchProcessor:
         refused: set[_Position],
         batch: Sequence[Envelope],
     ) -> list[BatchResult]:
+        slow: list[_Order] = []
+        results = await self._commit_splitting(orders, rejects, refused, batch, slow)
+        # Orders too slow even alone wait until the rest of the batch is in, then are retried
+        # for as long as it takes (or dead-lettered if PostgreSQL refuses them).
+        for order in slow:
+            results.extend(await self._commit([order], [], refused, batch))
+        return results
+
+    async def _commit_splitting(
+        self,
+        orders: list[_Order],
+        rejects: list[_Reject],
+        refused: set[_Position],
+        batch: Sequence[Envelope],
+        slow: list[_Order],
+    ) -> list[BatchResult]:
         try:
             return [await self._write_retrying(orders, rejects)]
+        except StatementTimedOut:
+            pass  # raised only for what can be split: split below
         except RefusedByDatabase as refusal:
-            if len(orders) > 1:
-                # One payload the database will not take must not hold up the others: halve
-                # the batch until the culprit is alone, and dead-letter only it.
-                results = [await self._write_retrying([], rejects)] if rejects else []
-                middle = len(orders) // 2
-                for half in (orders[:middle], orders[middle:]):
-                    results.extend(await self._commit(half, [], refused, batch))
-                return results
             if len(orders) == 1:
                 position, order = orders[0]
                 refused.add(position)
                 source = batch[position[0]].source(position[1])
                 letter = DeadLetter(order.payload, f"refused by PostgreSQL: {refusal}", source)
                 return await self._commit([], [*rejects, (position, letter)], refused, batch)
-            raise
+            if not orders:
+                raise
+        # One payload the database will not take, or one too slow to insert, must not hold
+        # up the others: the rejects go alone, and the orders in halves until the culprit is
+        # alone.
+        results = [await self._write_retrying([], rejects)] if rejects else []
+        middle = len(orders) // 2
+        for half in (orders[:middle], orders[middle:]):
+            if len(half) == 1 and await self._too_slow(half[0], results):
+                slow.append(half[0])
+            elif half:
+                results.extend(await self._commit_splitting(half, [], refused, batch, slow))
+        return results
+
+    async def _too_slow(self, order: _Order, results: list[BatchResult]) -> bool:
+        """One try of a lone order: True (and the outage told) if it ran past the timeout,
+        else its result is added to ``results`` (or it is left to the usual retries)."""
+        try:
+            result = await self.store.write_batch([order[1]], [])
+        except StatementTimedOut as exc:
+            self._outage.failed(order, exc, 1)
+            return True
+        except (StoreUnavailable, RefusedByDatabase):
+            return False  # to _commit, which retries or dead-letters it as usual
+        results.append(result)
+        return False
 
     async def _write_retrying(self, orders: list[_Order], rejects: list[_Reject]) -> BatchResult:
         delay = _FIRST_RETRY_S
-        attempt = 0
+        # What the outage knows this write by: the order itself when it is a lone one, so
+        # that an order set aside as too slow stays the same failing write.
+        write: object = orders[0] if len(orders) == 1 and not rejects else object()
         while True:
             try:
                 result = await self.store.write_batch(
                     [order for _, order in orders], [reject for _, reject in rejects]
                 )
+            except StatementTimedOut as exc:
+                if len(orders) + bool(rejects) > 1:
+                    self._outage.succeeded(write)
+                    raise  # to be split by _commit
+                self._outage.failed(write, exc, len(orders) + len(rejects))
             except StoreUnavailable as exc:
-                attempt += 1
-                self.metrics.database_retries.inc()
-                if attempt == 1 or delay >= _LAST_RETRY_S:
-                    log.warning(
-                        "database unavailable, batch of %d kept unacknowledged, "
-                        "retry %d in %.1f s: %s",
-                        len(orders) + len(rejects),
-                        attempt,
-                        delay,
-                        exc,
-                    )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _LAST_RETRY_S)
-                continue
-            if attempt:
-                log.info("database back after %d retries; batch committed", attempt)
-            return result
+                self._outage.failed(write, exc, len(orders) + len(rejects))
+            else:
+                self._outage.succeeded(write)
+                return result
+            self.metrics.database_retries.inc()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _LAST_RETRY_S)
+
+
+class _Outage:
+    """Failing writes, told once per episode: the first failure, a reminder now and then while
+    it lasts, and a summary when no write is failing any more. An episode lasts while any
+    write in flight (each known by a token) is failing."""
+
+    def __init__(self) -> None:
+        self.problem: str | None = None
+        self._failing: set[int] = set()
+        self._since = 0.0
+        self._retries = 0
+        self._reminded = 0.0
+
+    def failed(self, write: object, exc: StoreUnavailable, messages: int) -> None:
+        now = time.monotonic()
+        self._failing.add(id(write))
+        self._retries += 1
+        problem = _describe(exc)
+        if problem != self.problem:
+            self._since = self._since or now
+            self._reminded = now
+            log.warning(
+                "%s; %d message(s) kept unacknowledged and retried: %s", problem, messages, exc
+            )
+        elif now - self._reminded >= _REMIND_EVERY_S:
+            self._reminded = now
+            log.warning(
+                "%s for %.0f s, %d retries so far: %s",
+                problem,
+                now - self._since,
+                self._retries,
+                exc,
+            )
+        self.problem = problem
+
+    def succeeded(self, write: object) -> None:
+        self._failing.discard(id(write))
+        if self.problem is None or self._failing:
+            return
+        log.info(
+            "writes succeed again after %.1f s and %d retries (%s)",
+            time.monotonic() - self._since,
+            self._retries,
+            self.problem,
+        )
+        self.problem = None
+        self._since = 0.0
+        self._retries = 0
+
+
+def _describe(exc: StoreUnavailable) -> str:
+    if isinstance(exc, AccessDenied):
+        return "PostgreSQL refuses the service's role: permission denied"
+    if isinstance(exc, StatementTimedOut):
+        return "an order's insert runs past the statement timeout"
+    return "database unavailable"
 
 
 def _validate(batch: Sequence[Envelope]) -> tuple[list[_Order], list[_Reject]]:

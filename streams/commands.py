@@ -28,9 +28,7 @@ def install_commands(app: OrdersApp) -> None:
         """Rebuild the view from orders_events and report count, time and rate."""
         settings = app.settings
         url = await resolve_database_url(settings)
-        store = await asyncio.wait_for(
-            open_store(url, lambda: False, apply_schema=settings.apply_schema), timeout=60
-        )
+        store = await asyncio.wait_for(open_store(url, lambda: False, writer=False), timeout=60)
         assert store is not None
         try:
             view = OrdersView()

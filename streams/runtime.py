@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Final, TypeVar
 
 from mode import Service
 
@@ -13,7 +13,7 @@ from streams.agent import BatchProcessor
 from streams.config import Settings, redact
 from streams.embedded_postgres import start_embedded_postgres
 from streams.metrics import Metrics
-from streams.store import PostgresEventStore, StoreUnavailable
+from streams.store import PostgresEventStore, SchemaError, StoreUnavailable
 from views.follower import ViewFollower
 from views.view import OrdersView
 
@@ -23,6 +23,7 @@ _RETRY_MAX_S: Final = 5.0
 _STOP_FOLLOWING_S: Final = 5.0
 
 Inflow = Callable[[], Awaitable[None]]
+T = TypeVar("T")
 
 
 async def resolve_database_url(settings: Settings) -> str:
@@ -35,19 +36,44 @@ async def resolve_database_url(settings: Settings) -> str:
     return url
 
 
-async def open_store(
-    url: str, should_stop: Callable[[], bool], *, apply_schema: bool = True
-) -> PostgresEventStore | None:
-    """Open the store, waiting for the database as long as it takes; ``None`` if stopped first."""
+async def until_done(
+    step: Callable[[], Awaitable[T]], what: str, should_stop: Callable[[], bool]
+) -> T | None:
+    """Run ``step`` again after each StoreUnavailable, waiting longer each time, until it
+    succeeds; ``None`` if stopped first. Told once when it starts failing and once when it
+    succeeds after failures."""
     delay = 0.5
+    tries = 0
     while not should_stop():
         try:
-            return await PostgresEventStore.open(url, apply_schema=apply_schema)
+            result = await step()
         except StoreUnavailable as exc:
-            log.warning("database not reachable, retrying in %.1f s: %s", delay, exc)
+            tries += 1
+            if tries == 1 or (delay >= _RETRY_MAX_S and tries % 12 == 0):
+                log.warning("%s: database not reachable (try %d), retrying: %s", what, tries, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_MAX_S)
+            continue
+        if tries:
+            log.info("%s: done after %d failed tries", what, tries)
+        return result
     return None
+
+
+async def open_store(
+    url: str, should_stop: Callable[[], bool], *, apply_schema: bool = True, writer: bool = True
+) -> PostgresEventStore | None:
+    """Open the store, waiting for the database as long as it takes; ``None`` if stopped first.
+    A SchemaError is not waited out: it says what the operator must change."""
+
+    def opening() -> Awaitable[PostgresEventStore]:
+        return PostgresEventStore.open(url, apply_schema=apply_schema, writer=writer)
+
+    try:
+        return await until_done(opening, "opening the event store", should_stop)
+    except SchemaError as exc:
+        log.error("cannot run on this database: %s", exc)
+        raise
 
 
 class Runtime(Service):
@@ -85,8 +111,14 @@ class Runtime(Service):
     async def on_start(self) -> None:
         self._resume_flow()
         url = await resolve_database_url(self.settings)
+
+        def stopping() -> bool:
+            return self.should_stop
+
+        # A read replica (no consumption) never changes the schema and needs SELECT only, so
+        # that it can run on a hot standby with a read-only role.
         self.store = await open_store(
-            url, lambda: self.should_stop, apply_schema=self.settings.apply_schema
+            url, stopping, apply_schema=self.settings.apply_schema, writer=self.settings.consume
         )
         if self.store is None:
             return
@@ -97,7 +129,9 @@ class Runtime(Service):
             log_uids_max=self.settings.log_uids_max,
             metrics=self.metrics,
         )
-        stats = await self.follower.catch_up()
+        stats = await until_done(self.follower.catch_up, "restoring the view", stopping)
+        if stats is None:
+            return
         self.metrics.restore_seconds.set(stats.seconds)
         self.metrics.restore_rate.set(stats.rate)
         log.info(
@@ -117,8 +151,9 @@ class Runtime(Service):
             await start()
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
-        """Whether to take traffic, and the figures that say why: 503 until restored, and
-        while the view is more than ``ready_max_lag`` events behind the log."""
+        """Whether to take traffic, and the figures that say why: 503 until restored, while
+        the view is more than ``ready_max_lag`` events behind the log, and while the agent's
+        writes fail (it consumes nothing then, whatever the view still serves)."""
         lag = self.follower.lag if self.follower is not None else 0
         detail: dict[str, object] = {
             "orders": len(self.view),
@@ -129,6 +164,9 @@ class Runtime(Service):
             return False, {"status": "restoring", **detail}
         if lag > self.settings.ready_max_lag:
             return False, {"status": "lagging", **detail}
+        problem = self.processor.problem if self.processor is not None else None
+        if problem is not None:
+            return False, {"status": "stalled", "problem": problem, **detail}
         return True, {"status": "ready", **detail}
 
     async def on_stop(self) -> None:

@@ -16,6 +16,7 @@ from typing import Final, Protocol
 
 import aiopg
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 
 from streams.validation import Accepted
@@ -58,8 +59,26 @@ class StoreUnavailable(Exception):
     """The database could not be reached or lost the connection: the batch may be retried."""
 
 
-class SchemaMissing(Exception):
+class StatementTimedOut(StoreUnavailable):
+    """PostgreSQL ended a statement that ran past the timeout (and with it the transaction and
+    its append lock): a smaller batch may pass, the same one again may not."""
+
+
+class AccessDenied(StoreUnavailable):
+    """PostgreSQL refuses this role a privilege it needs: retried, since an operator may grant
+    it, but nothing passes until then."""
+
+
+class SchemaError(Exception):
+    """The schema is not one the service can run on; the message says what to do."""
+
+
+class SchemaMissing(SchemaError):
     """The tables are not there, and the service was told not to create them."""
+
+
+class SchemaUnsafe(SchemaError):
+    """The tables are there, but set up in a way that would break the log's promises."""
 
 
 class RefusedByDatabase(Exception):
@@ -85,9 +104,14 @@ class EventStore(Protocol):
 # (seq > last) could pass 7 before it becomes visible and never see it. An advisory lock
 # rather than LOCK TABLE ... IN EXCLUSIVE MODE, because that mode needs UPDATE or DELETE
 # rights on the table, which the service's role does not have.
-_APPEND_LOCK_KEY: Final = 0x0DE26
+#
+# Every transaction is READ COMMITTED whatever the server's or the role's default: under
+# REPEATABLE READ or SERIALIZABLE the snapshot would be taken by the statement that waits for
+# the lock, before the lock is granted, and the head read after it would miss rows committed
+# meanwhile.
+APPEND_LOCK_KEY: Final = 0x0DE26
 _APPEND: Final = f"""
-SELECT pg_advisory_xact_lock({_APPEND_LOCK_KEY});
+SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY});
 INSERT INTO orders_events (order_uid, event_type, payload)
 SELECT uid, %s, payload::jsonb
   FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS batch(uid, payload, position)
@@ -97,6 +121,14 @@ RETURNING seq, order_uid, (SELECT max(seq) FROM orders_events)
 """
 # The subquery in RETURNING sees the statement's snapshot, taken after the lock: the log's
 # head just before this insert, with every row another writer committed before it.
+
+# Seqs come from the identity sequence in the order the lock hands out, but only if each
+# nextval() takes the next number: with CACHE > 1 every connection takes a range of its own,
+# and a later commit can carry a smaller seq than one a reader has already passed.
+_SEQUENCE: Final = """
+SELECT seqcache, seqincrement FROM pg_sequence
+ WHERE seqrelid = pg_get_serial_sequence('orders_events', 'seq')::regclass
+"""
 
 NOTIFY_CHANNEL: Final = "orders_events"
 _NOTIFY: Final = "SELECT pg_notify(%s, %s)"
@@ -109,11 +141,13 @@ SELECT DISTINCT e.order_uid
  WHERE e.payload <> dup.payload::jsonb
 """
 
+# A redelivery (same source, same bytes) is kept once; another message under a source seen
+# before (a stream recreated, its sequences started again) is kept beside it.
 _DEAD_LETTER: Final = """
 INSERT INTO orders_dead_letters (raw, reason, source)
 SELECT raw, reason, source
   FROM unnest(%s::bytea[], %s::text[], %s::text[]) AS letter(raw, reason, source)
-    ON CONFLICT (source) DO NOTHING
+    ON CONFLICT (source, sha256(raw)) DO NOTHING
 """
 
 _READ: Final = """
@@ -121,6 +155,11 @@ SELECT seq, order_uid, payload::text FROM orders_events WHERE seq > %s ORDER BY 
 """
 
 _SCHEMA_LOCK_KEY: Final = 0x0DE25  # any constant shared by every worker applying the schema
+
+# The client waits this much longer than the server's statement timeout, so that the server
+# ends a slow statement (releasing the append lock) before the client gives up on it; a
+# client that gave up first would leave its backend running, lock held, for nobody.
+_CLIENT_MARGIN_S: Final = 5.0
 
 
 def schema_sql() -> str:
@@ -131,34 +170,49 @@ def schema_sql() -> str:
 class PostgresEventStore:
     """The event store on PostgreSQL: per batch, one transaction and one statement per table."""
 
-    def __init__(self, pool: aiopg.Pool, dsn: str) -> None:
+    def __init__(self, pool: aiopg.Pool, dsn: str, timeout: float = 10.0) -> None:
         self._pool = pool
         self._dsn = dsn
+        self._timeout = timeout
         # Names this store's commits in its notifications ("<seq> <writer>"), so that its own
         # follower can leave them to the agent, which projects them without reading them back.
         self.writer_id = uuid.uuid4().hex[:12]
 
     @classmethod
     async def open(
-        cls, dsn: str, *, apply_schema: bool = True, maxsize: int = 4, timeout: float = 10.0
+        cls,
+        dsn: str,
+        *,
+        apply_schema: bool = True,
+        writer: bool = True,
+        maxsize: int = 4,
+        timeout: float = 10.0,
     ) -> PostgresEventStore:
         """Connect, apply the schema (or, with ``apply_schema=False``, check that it is there),
-        and return the store. Raises StoreUnavailable, or SchemaMissing."""
+        check what the log's order rests on, and return the store.
+
+        ``timeout`` bounds each statement of a write on the server (and connecting). A store
+        that is no ``writer`` (a read replica) never applies the schema and needs SELECT only.
+        Raises StoreUnavailable, or a SchemaError."""
         try:
             pool = await aiopg.create_pool(
                 dsn,
                 minsize=1,
                 maxsize=maxsize,
-                timeout=timeout,
+                timeout=timeout + _CLIENT_MARGIN_S,
                 enable_json=False,
                 enable_hstore=False,
                 enable_uuid=False,
             )
         except (psycopg2.Error, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
-        store = cls(pool, dsn)
+        store = cls(pool, dsn, timeout)
         try:
-            await (store.apply_schema() if apply_schema else store.check_schema())
+            if apply_schema and writer:
+                await store.apply_schema()
+            else:
+                await store.check_schema(writer=writer)
+            await store.check_sequence()
         except BaseException:
             await store.close()
             raise
@@ -169,21 +223,53 @@ class PostgresEventStore:
         self._pool.close()
         await self._pool.wait_closed()
 
-    async def check_schema(self) -> None:
-        """Fail clearly when the tables are missing or out of reach of this role."""
-        for table in ("orders_events", "orders_dead_letters"):
+    async def check_schema(self, *, writer: bool = True) -> None:
+        """Fail clearly when the tables are missing or out of reach of this role: a writer
+        needs SELECT and INSERT on both, a reader SELECT on the log."""
+        needs = (
+            {"orders_events": ("SELECT", "INSERT"), "orders_dead_letters": ("INSERT",)}
+            if writer
+            else {"orders_events": ("SELECT",)}
+        )
+        for table, wanted in needs.items():
             async with self._cursor() as cur:
+                await cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
+                (exists,) = await cur.fetchone()
+                if not exists:
+                    raise SchemaMissing(
+                        f"table {table} is missing: apply init-db/*.sql as its owner,"
+                        " or set ORDERS_APPLY_SCHEMA=true"
+                    )
+                # One privilege a call: has_table_privilege(t, 'SELECT, INSERT') is true
+                # when either is held.
                 await cur.execute(
-                    "SELECT to_regclass(%s) IS NOT NULL"
-                    " AND has_table_privilege(%s, 'SELECT, INSERT')",
-                    (table, table),
+                    "SELECT ARRAY["
+                    + ", ".join(["has_table_privilege(%s, %s)"] * len(wanted))
+                    + "]",
+                    tuple(arg for privilege in wanted for arg in (table, privilege)),
                 )
-                row = await cur.fetchone()
-            if not row[0]:
+                (held,) = await cur.fetchone()
+            lacking = [privilege for privilege, has in zip(wanted, held, strict=True) if not has]
+            if lacking:
                 raise SchemaMissing(
-                    f"table {table} is missing or this role may not SELECT and INSERT on it:"
-                    " apply init-db/*.sql as its owner, or set ORDERS_APPLY_SCHEMA=true"
+                    f"this role may not {' or '.join(lacking)} on table {table}:"
+                    f" GRANT {', '.join(lacking)} ON {table} TO the service's role"
                 )
+
+    async def check_sequence(self) -> None:
+        """Refuse a seq sequence that hands out numbers out of commit order."""
+        async with self._cursor() as cur:
+            await cur.execute(_SEQUENCE)
+            row = await cur.fetchone()
+        if row is None:
+            raise SchemaUnsafe("orders_events.seq has no identity sequence: apply init-db/*.sql")
+        cache, increment = row
+        if cache != 1 or increment != 1:
+            raise SchemaUnsafe(
+                f"the sequence of orders_events.seq has CACHE {cache} INCREMENT {increment};"
+                " seqs would not follow commit order and views would skip orders. Run"
+                " ALTER TABLE orders_events ALTER COLUMN seq SET CACHE 1 SET INCREMENT 1"
+            )
 
     async def apply_schema(self) -> None:
         """Create the tables if missing; safe when several workers start at once."""
@@ -324,43 +410,60 @@ class PostgresEventStore:
             return list(await cur.fetchall())
 
     def _cursor(self) -> _Cursor:
-        return _Cursor(self._pool, transaction=False)
+        return _Cursor(self._pool, None)
 
     def _transaction(self) -> _Cursor:
-        return _Cursor(self._pool, transaction=True)
+        return _Cursor(self._pool, self._timeout)
 
 
 class Listener:
-    """Notifications of new events, from a LISTEN connection."""
+    """Wake-ups from a LISTEN connection when another writer commits.
+
+    A notification says only that something may have changed: any role that can connect may
+    NOTIFY the channel, so the follower takes the head from the log, never from a payload.
+    """
 
     def __init__(self, conn: aiopg.Connection, own_writer: str) -> None:
         self._conn = conn
         self._own_writer = own_writer
 
-    async def next_head(self, timeout: float) -> int | None:
-        """The seq announced by the next commit of another writer, or ``None`` if none came
-        within ``timeout``. This store's own commits are left out: its agent projects them.
+    @property
+    def backlog(self) -> int:
+        """Notifications received and not yet read."""
+        return int(self._conn.notifies.qsize())
+
+    async def wait(self, timeout: float) -> bool:
+        """Whether another writer's commit was announced within ``timeout``. Every
+        notification queued so far is read at once, so they never pile up; this store's own
+        commits are left out (its agent projects them).
 
         Raises StoreUnavailable when the connection is lost.
         """
         deadline = asyncio.get_running_loop().time() + timeout
+        queue = self._conn.notifies
         while True:
             remaining = deadline - asyncio.get_running_loop().time()
             try:
-                notice = await asyncio.wait_for(self._conn.notifies.get(), max(remaining, 0))
+                notices = [await asyncio.wait_for(queue.get(), max(remaining, 0))]
+                while not queue.empty():
+                    notices.append(queue.get_nowait())
             except TimeoutError:
                 if self._conn.closed:
                     raise StoreUnavailable("the LISTEN connection is closed") from None
-                return None
+                return False
             except (psycopg2.Error, OSError) as exc:
                 raise _translate(exc) from exc
-            seq, _, writer = notice.payload.partition(" ")
-            if writer != self._own_writer and seq.isdigit():
-                return int(seq)
+            if any(_writer(notice.payload) != self._own_writer for notice in notices):
+                return True
 
     async def close(self) -> None:
         """Close the connection."""
         await self._conn.close()
+
+
+def _writer(payload: str) -> str:
+    # "<seq> <writer>", as write_batch sends it; the seq is for people reading the traffic.
+    return payload.rpartition(" ")[2]
 
 
 def _text_as_bytes(cur: aiopg.Cursor) -> None:
@@ -378,11 +481,16 @@ def _by_seq(event: Event) -> int:
 
 
 class _Cursor:
-    """A pooled cursor, optionally inside a transaction, that turns driver errors into ours."""
+    """A pooled cursor, optionally inside a transaction, that turns driver errors into ours.
 
-    def __init__(self, pool: aiopg.Pool, *, transaction: bool) -> None:
+    A transaction ends in a COMMIT that PostgreSQL confirmed, or in an exception: aiopg marks
+    a cursor closed, without raising, when its connection drops, so a block that ran to its
+    end has not necessarily committed anything.
+    """
+
+    def __init__(self, pool: aiopg.Pool, statement_timeout: float | None) -> None:
         self._pool = pool
-        self._transaction = transaction
+        self._statement_timeout = statement_timeout  # None: no transaction
         self._conn: aiopg.Connection | None = None
         self._cur: aiopg.Cursor | None = None
 
@@ -390,47 +498,104 @@ class _Cursor:
         try:
             self._conn = await self._pool.acquire()
             self._cur = await self._conn.cursor()
-            if self._transaction:
-                await self._cur.execute("BEGIN")
+            if self._statement_timeout is not None:
+                # The server ends a statement past the timeout, and a transaction left idle
+                # (a client stopped mid-way), so that no abandoned backend keeps the lock.
+                milliseconds = int(self._statement_timeout * 1000)
+                await self._cur.execute(
+                    "BEGIN ISOLATION LEVEL READ COMMITTED;"
+                    f" SET LOCAL statement_timeout = {milliseconds};"
+                    f" SET LOCAL idle_in_transaction_session_timeout = {milliseconds}"
+                )
         except BaseException as exc:
+            conn = self._conn
             await self._release()
-            raise _translate(exc) from exc
+            raise _translate(exc, conn) from exc
         return self._cur
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        conn = self._conn
         try:
-            if self._transaction and self._cur is not None and not self._cur.closed:
+            if self._statement_timeout is not None:
                 if exc is None:
-                    await self._cur.execute("COMMIT")
-                elif not self._cur.connection.closed:
-                    await self._cur.execute("ROLLBACK")
+                    await self._commit()
+                else:
+                    await self._roll_back()
         except BaseException as commit_exc:
             await self._release()
-            raise _translate(commit_exc) from commit_exc
+            raise _translate(commit_exc, conn) from commit_exc
         await self._release()
         if exc is not None:
-            translated = _translate(exc)
+            translated = _translate(exc, conn)
             if translated is not exc:
                 raise translated from exc
+
+    async def _commit(self) -> None:
+        cur = self._cur
+        assert cur is not None
+        if cur.closed:
+            raise StoreUnavailable("PostgreSQL: the connection was lost before COMMIT")
+        await cur.execute("COMMIT")
+        # A COMMIT of a failed transaction answers ROLLBACK; a connection that dropped while
+        # COMMIT was under way leaves its outcome unknown (a retry then finds duplicates).
+        if cur.closed or cur.statusmessage != "COMMIT":
+            status = "no answer" if cur.closed else cur.statusmessage
+            raise StoreUnavailable(f"PostgreSQL: COMMIT not confirmed ({status})")
+
+    async def _roll_back(self) -> None:
+        cur, conn = self._cur, self._conn
+        if cur is None or conn is None or cur.closed or conn.closed:
+            return
+        try:
+            await cur.execute("ROLLBACK")
+        except BaseException:
+            # Not back to idle: the pool must not hand this connection out again.
+            conn.close()
+            raise
 
     async def _release(self) -> None:
         cur, conn = self._cur, self._conn
         self._cur = self._conn = None
         if cur is not None:
             cur.close()
-        if conn is not None:
-            await self._pool.release(conn)
+        if conn is None:
+            return
+        if not conn.closed and _in_transaction(conn):
+            conn.close()  # a connection left mid-transaction is closed, not pooled
+        await self._pool.release(conn)
 
 
-def _translate(exc: BaseException) -> BaseException:
+def _in_transaction(conn: aiopg.Connection) -> bool:
+    status = conn.raw.get_transaction_status()
+    return bool(status != psycopg2.extensions.TRANSACTION_STATUS_IDLE)
+
+
+def _translate(exc: BaseException, conn: aiopg.Connection | None = None) -> BaseException:
     if isinstance(exc, StoreUnavailable | RefusedByDatabase):
         return exc
-    # A ProgrammingError (a missing table, say) is not the data's fault: it stays retryable.
+    if isinstance(exc, asyncio.CancelledError):
+        # aiopg turns PostgreSQL's "canceling statement due to statement timeout" into a
+        # CancelledError of its own, raised while handling the QueryCanceled; a cancellation
+        # of the task itself stays what it is.
+        task = asyncio.current_task()
+        cancelled = task is not None and task.cancelling() > 0
+        if cancelled or not isinstance(exc.__context__, psycopg2.errors.QueryCanceled):
+            return exc
+        exc = exc.__context__
     # libpq's messages span lines; a log line should not.
     message = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, psycopg2.errors.QueryCanceled):
+        return StatementTimedOut(f"PostgreSQL: {message}")
+    if isinstance(exc, psycopg2.errors.InsufficientPrivilege):
+        return AccessDenied(f"PostgreSQL: {message}")
     # psycopg2 raises ValueError for text it cannot send (a NUL character, say).
     if isinstance(exc, psycopg2.DataError | psycopg2.IntegrityError | ValueError):
         return RefusedByDatabase(message)
+    # A ProgrammingError (a missing table, say) is not the data's fault: it stays retryable.
     if isinstance(exc, psycopg2.Error | OSError | TimeoutError):
         return StoreUnavailable(f"PostgreSQL: {message}")
+    # Under uvloop, aiopg's use of a connection whose socket is gone raises RuntimeError
+    # ("unable to perform operation on <UVPoll closed=True>"): a lost connection, not a bug.
+    if isinstance(exc, RuntimeError) and conn is not None and conn.closed:
+        return StoreUnavailable(f"PostgreSQL: the connection was lost ({message})")
     return exc

@@ -7,9 +7,8 @@ one lock, so the view only ever moves forward through the log in seq order.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Final
 
 from streams.store import BatchResult, EventStore, Listener, StoreUnavailable
@@ -18,26 +17,40 @@ from views.view import OrdersView, RestoreStats, restore
 log = logging.getLogger(__name__)
 
 _RETRY_MAX_S: Final = 5.0
+# Without LISTEN (a hot standby, or the database away), how often to try it again: often
+# enough to hear a promoted standby within a few polls, rarely enough not to knock every poll.
+_LISTEN_AGAIN_S: Final = 10.0
 
 
 class ViewFollower:
     """Moves the view along the log: at boot, after each local commit, and when told of others'.
 
-    Other workers' commits arrive as PostgreSQL notifications; a poll every ``poll_s`` covers
-    notifications lost with a dropped LISTEN connection.
+    Other workers' commits arrive as PostgreSQL notifications, which only wake the follower:
+    what to read, and how far the log goes, always come from the log. A poll every ``poll_s``
+    covers notifications lost with a dropped LISTEN connection, and servers without LISTEN.
+
+    The lock is held only while the view moves (a catch-up, or projecting one batch), never
+    across a commit: under sustained ingest the agent always has a commit in flight, and
+    other writers' orders must still reach this view.
     """
 
     def __init__(self, view: OrdersView, store: EventStore, page_size: int) -> None:
         self.view = view
         self.store = store
         self.page_size = page_size
-        self.head = 0  # the last seq known to be in the log
+        self.head = 0  # the last seq known to be in the log, as read from the log
         self._lock = asyncio.Lock()
+        self._listener: Listener | None = None
+        self._polling_said = False
 
     @property
     def lag(self) -> int:
         """How many seqs the view is behind the last known head of the log."""
         return max(0, self.head - self.view.last_seq)
+
+    def listening_backlog(self) -> int:
+        """Notifications received and not yet read (0 when not listening)."""
+        return self._listener.backlog if self._listener is not None else 0
 
     async def catch_up(self, on_page: Callable[[int], None] | None = None) -> RestoreStats:
         """Read the log from the view's position to its end into the view."""
@@ -46,77 +59,76 @@ class ViewFollower:
         self.head = max(self.head, stats.last_seq)
         return stats
 
-    @contextlib.asynccontextmanager
-    async def committing(self) -> AsyncIterator[None]:
-        """Held by the agent from its write until it has applied the result: a catch-up
-        cannot slip in between and project the agent's own rows from the log first."""
-        await self.hold()
-        try:
-            yield
-        finally:
-            self.release()
-
-    async def hold(self) -> None:
-        """Keep catch-ups out until :meth:`release`, from any task: the agent holds the
-        follower while any of its commits is not yet applied."""
-        await self._lock.acquire()
-
-    def release(self) -> None:
-        """Let catch-ups run again."""
-        self._lock.release()
-
     async def apply(self, result: BatchResult) -> None:
-        """Project a batch this worker just committed, while it holds the follower.
+        """Project a batch this worker just committed.
 
         When the log held nothing the view lacks just before the batch, its events go in as
-        they are; otherwise another writer's events come first, read from the log. If that
-        read fails, the view waits for the next poll of :meth:`follow`, which sees the lag:
-        the batch is committed all the same, and never held up by its projection.
+        they are; otherwise what came before them is read from the log first. Orders the
+        batch found already in the log but the view lacks (a commit whose reply was lost, so
+        the retry saw duplicates) are read from the log too. If that read fails, the view
+        waits for the next poll of :meth:`follow`, which sees the lag: the batch is committed
+        all the same, and never held up by its projection.
         """
-        if not result.stored:
+        view = self.view
+        behind = (result.stored and view.last_seq < result.previous_seq) or any(
+            uid not in view for uid in result.duplicates
+        )
+        if not (result.stored or behind):
             return
-        assert self._lock.locked(), "apply() belongs between hold() and release()"
-        self.head = max(self.head, result.stored[-1].seq)
-        if self.view.last_seq < result.previous_seq:
-            try:
-                await restore(self.view, self.store, self.page_size)
-            except StoreUnavailable as exc:
-                log.warning("view behind the log until the database answers: %s", exc)
-                return
-        self.view.project(result.stored)
+        async with self._lock:
+            if result.stored:
+                self.head = max(self.head, result.stored[-1].seq)
+            if behind:
+                try:
+                    self.head = max(
+                        self.head, (await restore(view, self.store, self.page_size)).last_seq
+                    )
+                except StoreUnavailable as exc:
+                    log.warning("view behind the log until the database answers: %s", exc)
+                    return
+            view.project(result.stored)
+            # A catch-up may have read these events back from the log already; the view
+            # serves the bytes as published.
+            view.refresh(result.stored)
 
     async def follow(self, poll_s: float) -> None:
-        """Until cancelled: catch up on every notification, and at least every ``poll_s``.
+        """Until cancelled: catch up on every wake-up, and look at the log's head at least
+        every ``poll_s``.
 
         Without a LISTEN connection (the database away, or a hot standby, where LISTEN is not
-        allowed) it keeps polling, and tries to listen again at each round.
+        allowed) it keeps polling, and tries to listen again now and then.
         """
-        listener: Listener | None = None
         failures = 0
+        listen_again_at = 0.0
         this_task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 # asyncio.wait_for on Python 3.11 can lose a cancellation that arrives with a
                 # notification: the task still counts it as cancelling, so stop here.
                 if this_task is not None and this_task.cancelling():
                     raise asyncio.CancelledError
-                announced: int | None = None
-                if listener is None:
-                    listener = await self._listen(poll_s)
-                    if listener is None:
+                woken = False
+                if self._listener is None and loop.time() >= listen_again_at:
+                    # Once listening, look at the head at once: a commit made before LISTEN
+                    # was in place sent its notification to nobody.
+                    self._listener = await self._listen(poll_s)
+                    if self._listener is None:
+                        listen_again_at = loop.time() + _LISTEN_AGAIN_S
                         await asyncio.sleep(poll_s)
+                elif self._listener is None:
+                    await asyncio.sleep(poll_s)
                 else:
                     try:
-                        announced = await listener.next_head(poll_s)
+                        woken = await self._listener.wait(poll_s)
                     except StoreUnavailable as exc:
                         log.warning("LISTEN connection lost, polling meanwhile: %s", exc)
-                        await listener.close()
-                        listener = None
+                        await self._listener.close()
+                        self._listener = None
                 try:
-                    if announced is None:
-                        announced = await self.store.head()
-                    self.head = max(self.head, announced)
-                    if self.lag:
+                    if not woken:
+                        self.head = max(self.head, await self.store.head())
+                    if woken or self.lag:
                         await self.catch_up()
                     failures = 0
                 except StoreUnavailable as exc:
@@ -125,14 +137,22 @@ class ViewFollower:
                         log.warning("following the log paused (%d tries): %s", failures, exc)
                     await asyncio.sleep(min(poll_s * failures, _RETRY_MAX_S))
         finally:
-            if listener is not None:
-                await listener.close()
+            if self._listener is not None:
+                await self._listener.close()
+                self._listener = None
 
     async def _listen(self, poll_s: float) -> Listener | None:
         try:
             listener = await self.store.listen()
         except StoreUnavailable as exc:
-            log.debug("cannot LISTEN, polling every %.1f s: %s", poll_s, exc)
+            if not self._polling_said:
+                log.info(
+                    "following orders_events by polling every %.1f s (LISTEN not possible: %s)",
+                    poll_s,
+                    exc,
+                )
+                self._polling_said = True
             return None
         log.info("following orders_events: LISTEN, and a poll every %.1f s", poll_s)
+        self._polling_said = False
         return listener

@@ -15,7 +15,8 @@ class OrdersView(Mapping[str, bytes]):
     """Every order in the log, ready to send as it is.
 
     The only way in is :meth:`project`, fed with events from the log in seq order: at boot by
-    :func:`restore`, afterwards by the agent with the events it has just committed.
+    :func:`restore`, afterwards by the agent with the events it has just committed (and
+    :meth:`refresh`, which changes an order's bytes, never its value).
     """
 
     def __init__(self) -> None:
@@ -39,6 +40,18 @@ class OrdersView(Mapping[str, bytes]):
             added += 1
         self.last_seq = last
         return added
+
+    def refresh(self, events: Iterable[Event]) -> None:
+        """Give events already projected the bytes they were committed with.
+
+        An event read back from the log is PostgreSQL's jsonb text: the same JSON value as the
+        message, in other bytes. The writer that committed it hands the message's own bytes
+        here, for events a catch-up brought in first; the value does not change.
+        """
+        orders = self._orders
+        for event in events:
+            if event.seq <= self.last_seq and event.order_uid in orders:
+                orders[event.order_uid] = event.payload
 
     def __getitem__(self, order_uid: str) -> bytes:
         return self._orders[order_uid]

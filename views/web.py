@@ -18,6 +18,9 @@ from views.view import OrdersView
 
 _UID: Final = re.compile(UID_PATTERN)
 _JSON: Final = "application/json"
+# Readiness states in which the view does not yet hold every order of the log, so an unknown
+# uid may still come; while "stalled" (writes failing) the view is complete, and 404 is true.
+_VIEW_INCOMPLETE: Final = ("restoring", "lagging")
 _PAGE_HEADERS: Final = {
     # The page inserts order data as text only; the policy makes any slip inert as well.
     "Content-Security-Policy": "default-src 'self'; object-src 'none'; base-uri 'none'",
@@ -72,7 +75,8 @@ def install_routes(
                 return _error(
                     self, 400, "malformed order_uid: expected 1 to 64 letters, digits, '_' or '-'"
                 )
-            if not readiness()[0]:
+            ready, detail = readiness()
+            if not ready and detail.get("status") in _VIEW_INCOMPLETE:
                 # Not known yet is not the same as not there: ask the client to come back.
                 return _error(self, 503, "the service is still loading orders; try again shortly")
             return _error(self, 404, f"order {uid} not found")
