@@ -18,6 +18,7 @@ import aiopg
 import psycopg2
 import psycopg2.extensions
 
+from streams.pg_hosts import pin_host
 from streams.validation import Accepted
 
 EVENT_TYPE: Final = "OrderPlaced"
@@ -145,6 +146,7 @@ class PostgresEventStore:
         """Connect, apply the schema (or, with ``apply_schema=False``, check that it is there),
         and return the store. Raises StoreUnavailable, or SchemaMissing."""
         try:
+            dsn = await asyncio.to_thread(pin_host, dsn, timeout)  # aiopg follows one host only
             pool = await aiopg.create_pool(
                 dsn,
                 minsize=1,
