@@ -60,7 +60,7 @@ class NatsBridge:
         self._stopping = asyncio.Event()
         self._rebind = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
-        self.url: str | None = None
+        self.servers: list[str] = []
         self._errors = _RepeatedWarning()
         self._answered = False  # a pull request was answered since the last bind
         self._inboxes: list[Inbox] = []
@@ -68,16 +68,17 @@ class NatsBridge:
     async def start(self) -> None:
         """Resolve the server (starting the embedded one if needed) and start consuming."""
         if self.settings.nats_url is not None:
-            self.url = self.settings.nats_url
-            log.info("NATS: %s", redact(self.url))
+            self.servers = self.settings.nats_servers
+            log.info("NATS: %s", redact(self.servers))
         else:
             self._embedded = EmbeddedNats(self.settings.data_dir)
-            self.url = await asyncio.to_thread(self._embedded.start)
+            url = await asyncio.to_thread(self._embedded.start)
+            self.servers = [url]
             how = "started" if self._embedded.owned else "joined"
             log.info(
                 "NATS: embedded nats-server %s at %s (JetStream store in %s)",
                 how,
-                self.url,
+                url,
                 self.settings.data_dir / "nats",
             )
         self._loop_task = asyncio.create_task(self._consume(), name="nats-bridge")
@@ -193,9 +194,12 @@ class NatsBridge:
     async def _connected(self) -> Client:
         """The connection, opened if need be, with the stream and the consumer in place."""
         if self._nc is None or self._nc.is_closed:
-            assert self.url is not None
+            assert self.servers
             self._nc = await nats.connect(
-                self.url,
+                servers=self.servers,
+                # In the order given: the operator says which server to try first, and every
+                # start and reconnect tries them the same way, which the log can then tell.
+                dont_randomize=True,
                 name="orders-service",
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
@@ -205,7 +209,7 @@ class NatsBridge:
                 error_cb=self._on_error,
             )
             self.metrics.nats_connected.set(1)
-            log.info("connected to NATS at %s", redact(self.url))
+            log.info("connected to NATS at %s", _url_of(self._nc))
         js = self._nc.jetstream()
         await ensure_stream(js, self.settings.nats_stream, [self.settings.nats_subject])
         await ensure_consumer(js, self.settings)

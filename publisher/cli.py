@@ -261,7 +261,10 @@ async def _connect(url: config.ResolvedUrl) -> Client:
     nc = Client()
     try:
         await nc.connect(
-            url.url,
+            servers=url.servers,
+            # The first server listed is tried first, then the next: a seed list fails over
+            # within this first connection, as the service's does.
+            dont_randomize=True,
             name=PROG,
             connect_timeout=CONNECT_TIMEOUT_SECONDS,
             # A one-shot command should fail fast and say why. allow_reconnect=False alone

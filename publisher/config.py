@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from streams.config import redact
+from streams.config import ConfigError as SettingError
+from streams.config import check_nats_servers, list_position, redact, split_nats_servers
 
 URL_ENV = "ORDERS_NATS_URL"
 SUBJECT_ENV = "ORDERS_NATS_PUBLISH_SUBJECT"
@@ -18,7 +19,6 @@ DEFAULT_SUBJECT = "orders.new"
 DEFAULT_STREAM = "ORDERS"
 DEFAULT_DATA_DIR = ".data"
 URL_FILE_NAME = "nats.url"
-URL_SCHEMES = ("nats", "tls", "ws", "wss")
 
 _SUBJECT_TOKEN = re.compile(r"[^\s.*>]+")
 _STREAM_NAME = re.compile(r"[^\s.*>/\\]+")
@@ -36,6 +36,11 @@ class NoUrlError(LookupError):
 class ResolvedUrl:
     url: str
     source: str  # where the URL came from, for error messages
+
+    @property
+    def servers(self) -> list[str]:
+        """The servers to try, in order: one, or those of a seed list."""
+        return split_nats_servers(self.url)
 
     def __str__(self) -> str:
         return f"{redact(self.url)} (from {self.source})"
@@ -69,24 +74,17 @@ def resolve_url(
 
 
 def check_url(url: str, source: str) -> str:
-    """Return ``url`` stripped if it is a single NATS server URL, else raise ``ConfigError``."""
+    """Return ``url`` stripped if it is a NATS URL or seed list (``nats://a:4222,nats://b:4222``)
+    whose every server is usable, else raise ``ConfigError``, passwords hidden."""
     url = url.strip()
-    if "," in url or any(c.isspace() for c in url):
-        # nats-py would accept a comma-separated list, but fails over only with reconnects,
-        # which this one-shot command turns off.
-        raise ConfigError(f"{source}: give a single server URL such as nats://127.0.0.1:4222")
     try:
-        parts = urlsplit(url)
-        port = parts.port  # parsing the port is what rejects "host:abc" or "host:99999"
-    except ValueError as error:
-        raise ConfigError(f"{source}: malformed URL {redact(url)!r}: {error}") from None
-    if parts.scheme.lower() not in URL_SCHEMES:
-        schemes = ", ".join(f"{scheme}://" for scheme in URL_SCHEMES)
-        raise ConfigError(f"{source}: URL {redact(url)!r} must start with one of {schemes}")
-    if not parts.hostname:
-        raise ConfigError(f"{source}: URL {redact(url)!r} has no host")
-    if port == 0:
-        raise ConfigError(f"{source}: URL {redact(url)!r} has port 0")
+        servers = check_nats_servers(url, source)
+    except SettingError as error:
+        raise ConfigError(str(error)) from None
+    for index, server in enumerate(servers, 1):
+        if urlsplit(server).port == 0:
+            which = list_position("server", index, len(servers))
+            raise ConfigError(f"{source}={redact(url)!r}: {which}port 0")
     return url
 
 

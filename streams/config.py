@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
+
+import psycopg2
+from psycopg2.extensions import parse_dsn
 
 N = TypeVar("N", int, float)
 
@@ -17,6 +20,35 @@ class ConfigError(ValueError):
     """A setting from the environment is malformed; the message names the variable."""
 
 
+PG_SCHEMES = ("postgres", "postgresql")
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+_HIDDEN = "***"
+# libpq's connection parameters whose values are not secret (PostgreSQL 17's list, less
+# password and sslpassword). Any other key's value is hidden, a misspelt "password" included.
+# fmt: off
+_PG_PLAIN_KEYS = frozenset((
+    "host", "hostaddr", "port", "dbname", "user", "passfile", "require_auth", "channel_binding",
+    "connect_timeout", "client_encoding", "options", "application_name",
+    "fallback_application_name", "keepalives", "keepalives_idle", "keepalives_interval",
+    "keepalives_count", "tcp_user_timeout", "replication", "gssencmode", "sslmode",
+    "sslnegotiation", "sslcompression", "sslcert", "sslkey", "sslcertmode", "sslrootcert",
+    "sslcrl", "sslcrldir", "sslsni", "requirepeer", "ssl_min_protocol_version",
+    "ssl_max_protocol_version", "krbsrvname", "gsslib", "gssdelegation", "service",
+    "target_session_attrs", "load_balance_hosts",
+))
+# fmt: on
+_PG_SECRET_KEYS = frozenset(("password", "sslpassword"))
+_PLAIN_USER = re.compile(r"[^\s:/?#@,\[\]]+")
+_PORT_PART = re.compile(r"(:[0-9]{0,5})?")
+_URL_START = re.compile(r"\s*([A-Za-z][A-Za-z0-9+.-]*)://")
+_NEXT_URL = re.compile(r"(,\s*)(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+# A key=value pair of libpq's keyword form: a quoted value ends at an unescaped quote.
+_KEYWORD = re.compile(
+    r"(?P<key>[^\s=]+)\s*=\s*(?P<value>'(?:[^'\\]|\\.)*(?P<end>')?|(?:[^\s\\]|\\.)*\\?)",
+    re.DOTALL,
+)
+_QUOTED = re.compile(r'"([^"]*)"')
 _NATS_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _NATS_SUBJECT = re.compile(r"^[A-Za-z0-9_*>-]+(\.[A-Za-z0-9_*>-]+)*$")
 
@@ -25,8 +57,10 @@ _NATS_SUBJECT = re.compile(r"^[A-Za-z0-9_*>-]+(\.[A-Za-z0-9_*>-]+)*$")
 class Settings:
     """Every knob of the service. Each field is read from ``ORDERS_<FIELD>``.
 
-    database_url: PostgreSQL URL; ``None`` starts an embedded server under ``data_dir``.
-    nats_url: NATS URL; ``None`` starts an embedded nats-server under ``data_dir``.
+    database_url: PostgreSQL URL, several hosts allowed, or libpq's key=value form; ``None``
+        starts an embedded server under ``data_dir``.
+    nats_url: NATS URL or comma-separated seed list (``nats_servers`` splits it); ``None``
+        starts an embedded nats-server under ``data_dir``.
     web_host / web_port: where the HTTP server listens.
     data_dir: embedded servers' data, Faust's own data dir and the files that let the
         publisher find an embedded NATS server.
@@ -72,14 +106,19 @@ class Settings:
     apply_schema: bool = True
     http_metrics: bool = True
 
+    @property
+    def nats_servers(self) -> list[str]:
+        """The servers of ``nats_url``, in its order; empty when the embedded one is used."""
+        return split_nats_servers(self.nats_url) if self.nats_url is not None else []
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         """Read and check every ``ORDERS_*`` variable; ConfigError names the first bad one."""
         env = os.environ if environ is None else environ
         defaults = cls()
         return cls(
-            database_url=_url(env, "ORDERS_DATABASE_URL", ("postgres", "postgresql")),
-            nats_url=_url(env, "ORDERS_NATS_URL", ("nats", "tls", "ws", "wss")),
+            database_url=_database_url(env, "ORDERS_DATABASE_URL"),
+            nats_url=_nats_url(env, "ORDERS_NATS_URL"),
             web_host=_text(env, "ORDERS_WEB_HOST", defaults.web_host),
             web_port=_int(env, "ORDERS_WEB_PORT", defaults.web_port, 1, 65535),
             data_dir=Path(_text(env, "ORDERS_DATA_DIR", str(defaults.data_dir))),
@@ -114,18 +153,174 @@ class Settings:
         )
 
 
-def redact(url: str) -> str:
-    """The URL with its password, or a lone token (``nats://token@host``), replaced by ***."""
+def redact(value: str | Iterable[str]) -> str:
+    """``value`` fit for a log or an error message: every password and token replaced by ***.
+
+    Takes a PostgreSQL URL (its user stays: a lone userinfo is a user there), libpq's
+    ``key=value`` form, a NATS URL or seed list (a lone userinfo is a token there, hidden), or a
+    list of URLs, each redacted and joined by commas. Malformed values too: whatever might be
+    part of a secret (text before an ``@``, a port that is not a number, a query parameter
+    libpq does not list as plain) is hidden rather than shown.
+    """
+    if not isinstance(value, str):
+        return ",".join(redact(item) for item in value)
+    start = _URL_START.match(value)
+    if start is None and "=" in value:
+        return _redact_keywords(value)
+    if start is not None and start.group(1).lower() in PG_SCHEMES:
+        return _redact_url(value, user_is_plain=True)
+    # A NATS seed list: one entry per scheme. A comma not followed by a scheme may be part of
+    # a password, so it does not end the entry whose "@" is yet to come.
+    pieces = _NEXT_URL.split(value)
+    return "".join(
+        _redact_url(piece, user_is_plain=False) if index % 2 == 0 else piece
+        for index, piece in enumerate(pieces)
+    )
+
+
+def split_nats_servers(value: str) -> list[str]:
+    """The servers of a NATS URL or seed list, split at commas as every NATS client does."""
+    return [server.strip() for server in value.split(",")]
+
+
+def check_nats_servers(value: str, source: str) -> list[str]:
+    """Every server of ``value`` (one URL or a comma-separated seed list), each checked;
+    ``ConfigError`` names ``source`` and says which server is wrong, passwords hidden."""
+    servers = split_nats_servers(value)
+    for index, server in enumerate(servers, 1):
+        problem = _nats_server_problem(server)
+        if problem:
+            which = list_position("server", index, len(servers))
+            raise ConfigError(f"{source}={redact(value)!r}: {which}{problem}")
+    websocket = {server.partition("://")[0].lower() in ("ws", "wss") for server in servers}
+    if len(websocket) > 1:
+        raise ConfigError(
+            f"{source}={redact(value)!r}: the list mixes websocket servers (ws://, wss://) with"
+            " plain ones (nats://, tls://), which NATS clients refuse"
+        )
+    return servers
+
+
+def list_position(noun: str, index: int, count: int) -> str:
+    """``"server 2 of 3: "`` to name an entry of a list in a message; nothing for a lone one."""
+    return f"{noun} {index} of {count}: " if count > 1 else ""
+
+
+def _nats_server_problem(server: str) -> str | None:
+    if not server:
+        return "empty (two commas in a row, or one at an end)"
+    if any(char.isspace() for char in server):
+        return "a space inside the URL"
+    # In lower case, as nats-py looks for them; it takes anything else for a bare host name.
+    if server.partition("://")[0] not in NATS_SCHEMES or "://" not in server:
+        allowed = ", ".join(f"{scheme}://" for scheme in NATS_SCHEMES)
+        return f"expected a URL starting with {allowed}"
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(server)
+    except ValueError:  # urlsplit's one complaint: a "[" without its "]"
+        return "malformed: an IPv6 address needs its closing ']'"
+    try:
+        parts.port  # noqa: B018 -- urlsplit checks the port only when asked
     except ValueError:
-        return url
-    userinfo, at, host = parts.netloc.rpartition("@")
-    if not at:
-        return url
+        return "the port is not a number from 0 to 65535"
+    if not parts.hostname:
+        return "no host"
+    return None
+
+
+def _redact_url(url: str, *, user_is_plain: bool) -> str:
+    head, sep, rest = url.partition("://")
+    if not sep:
+        head, rest = "", url
+    else:
+        head += sep
+    # The userinfo ends at the last "@" before the path, as libpq and urllib agree for a
+    # well-formed URL (libpq takes a "?" in a password as part of it).
+    slash = rest.find("/")
+    at = rest.rfind("@", 0, len(rest) if slash < 0 else slash)
+    user = ""
+    if at >= 0:
+        user = _shown_userinfo(rest[:at], user_is_plain=user_is_plain) + "@"
+        rest = rest[at + 1 :]
+    rest = _redact_query(rest, plain_keys=_PG_PLAIN_KEYS if user_is_plain else frozenset())
+    # An "@" still left means a password with an unencoded "/" (or an "@" in a query value):
+    # everything up to it is hidden, however a parser would have split it.
+    _, stray, hosts = rest.rpartition("@")
+    if stray:
+        return f"{head}{user}{_HIDDEN}@{_redact_ports(hosts)}"
+    return head + user + _redact_ports(rest)
+
+
+def _shown_userinfo(userinfo: str, *, user_is_plain: bool) -> str:
+    """``user:***``; a lone userinfo is a user for libpq (shown) and a token for NATS (hidden)."""
     user, colon, _ = userinfo.partition(":")
-    hidden = f"{user}:***" if colon else "***"
-    return urlunsplit(parts._replace(netloc=f"{hidden}@{host}"))
+    if not _PLAIN_USER.fullmatch(user) or not (colon or user_is_plain):
+        return _HIDDEN
+    return f"{user}:{_HIDDEN}" if colon else user
+
+
+def _redact_query(rest: str, plain_keys: frozenset[str]) -> str:
+    path, question, query = rest.partition("?")
+    if not question:
+        return rest
+    shown = []
+    for param in query.split("&"):
+        key, equals, _ = param.partition("=")
+        name = unquote(key).strip().lower()  # libpq decodes keys too: pass%77ord is password
+        if equals and name in plain_keys:
+            shown.append(param)
+        elif equals and name in _PG_SECRET_KEYS:
+            shown.append(f"{key}={_HIDDEN}")
+        else:
+            shown.append(_HIDDEN if param else "")
+    return f"{path}?{'&'.join(shown)}"
+
+
+def _redact_ports(hosts: str) -> str:
+    """Hides a port that is not a number: it may be a password whose "@" was left out."""
+    end = min((i for i in map(hosts.find, "/?#") if i >= 0), default=len(hosts))
+    shown = []
+    for hostport in hosts[:end].split(","):
+        if hostport.startswith("["):
+            close = hostport.find("]")
+            host, port = (
+                (hostport, "") if close < 0 else (hostport[: close + 1], hostport[close + 1 :])
+            )
+        else:
+            host, colon, number = hostport.partition(":")
+            port = colon + number
+        shown.append(hostport if _PORT_PART.fullmatch(port) else f"{host}:{_HIDDEN}")
+    return ",".join(shown) + hosts[end:]
+
+
+def _redact_keywords(conninfo: str) -> str:
+    """libpq's ``key=value`` form, parsed the way libpq parses it, secrets hidden."""
+    shown: list[str] = []
+    position = 0
+    while position < len(conninfo):
+        if conninfo[position].isspace():
+            shown.append(conninfo[position])
+            position += 1
+            continue
+        pair = _KEYWORD.match(conninfo, position)
+        if pair is None:
+            shown.append(_HIDDEN)  # libpq refuses the rest; it may hold a password's tail
+            break
+        key, value, quoted_end = pair.group("key"), pair.group("value"), pair.group("end")
+        position = pair.end()
+        if value.startswith("'") and not quoted_end:
+            shown.append(f"{key}={_HIDDEN}")
+            break
+        name = key.lower()
+        if name == "dbname" and ("=" in value or "@" in value):
+            shown.append(f"{key}={redact(value.strip(chr(39)))}")
+        elif name in _PG_PLAIN_KEYS:
+            shown.append(f"{key}={value}")
+        elif name in _PG_SECRET_KEYS:
+            shown.append(f"{key}={_HIDDEN}")
+        else:
+            shown.append(_HIDDEN)  # not a libpq keyword: perhaps a password's tail
+    return "".join(shown)
 
 
 def _raw(env: Mapping[str, str], name: str) -> str | None:
@@ -186,21 +381,57 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     return value
 
 
-def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
+def _database_url(env: Mapping[str, str], name: str) -> str | None:
+    """A libpq connection string: a ``postgres[ql]://`` URI, with several hosts if need be
+    (``h1:5432,h2:5432``), or the ``key=value`` form. libpq reads it here, once, so that its
+    complaints come at start and with the password hidden (libpq quotes what it cannot read)."""
     raw = _raw(env, name)
     if raw is None:
         return None
-    parts = urlsplit(raw)
-    if parts.scheme not in schemes or (not parts.netloc and not parts.query):
-        allowed = ", ".join(f"{scheme}://" for scheme in schemes)
-        raise ConfigError(f"{name}={redact(raw)!r}: expected a URL starting with {allowed}")
-    try:
-        parts.port  # noqa: B018 -- urlsplit checks the port only when asked
-    except ValueError:
+    shown = redact(raw)
+    # libpq's own test: a URI starts with one of its two prefixes, in lower case; anything
+    # else with an "=" is read as key=value pairs.
+    uri = raw.startswith(tuple(f"{scheme}://" for scheme in PG_SCHEMES))
+    if not uri and (_URL_START.match(raw) or "=" not in raw):
         raise ConfigError(
-            f"{name}={redact(raw)!r}: the port is not a number from 0 to 65535"
+            f"{name}={shown!r}: expected a URL starting with postgres:// or postgresql://,"
+            " or libpq's key=value form (host=... dbname=...)"
+        )
+    try:
+        params = parse_dsn(raw)
+    except psycopg2.Error as error:
+        raise ConfigError(
+            f"{name}={shown!r}: libpq cannot read it: {_scrub(error, shown)}"
         ) from None
+    hosts = params.get("host", "").split(",")
+    ports = params["port"].split(",") if "port" in params else []
+    for index, port in enumerate(ports, 1):
+        if port and not _is_port(port):
+            which = list_position("host", index, len(ports))
+            raise ConfigError(f"{name}={shown!r}: {which}the port is not a number from 0 to 65535")
+    if len(ports) > 1 and len(ports) != len(hosts):
+        raise ConfigError(
+            f"{name}={shown!r}: {len(hosts)} hosts but {len(ports)} ports;"
+            " give one port for all or one per host"
+        )
     return raw
+
+
+def _nats_url(env: Mapping[str, str], name: str) -> str | None:
+    raw = _raw(env, name)
+    if raw is not None:
+        check_nats_servers(raw, name)
+    return raw
+
+
+def _is_port(text: str) -> bool:
+    return _PORT_PART.fullmatch(":" + text) is not None and int(text) <= 65535
+
+
+def _scrub(error: psycopg2.Error, shown: str) -> str:
+    """libpq's message with every quoted piece that the redacted value does not show hidden."""
+    message = " ".join(str(error).split())
+    return _QUOTED.sub(lambda m: m.group(0) if m.group(1) in shown else f'"{_HIDDEN}"', message)
 
 
 def _name(env: Mapping[str, str], name: str, default: str) -> str:

@@ -19,6 +19,7 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 
+from streams.pg_hosts import pin_host
 from streams.validation import Accepted
 
 EVENT_TYPE: Final = "OrderPlaced"
@@ -195,6 +196,7 @@ class PostgresEventStore:
         that is no ``writer`` (a read replica) never applies the schema and needs SELECT only.
         Raises StoreUnavailable, or a SchemaError."""
         try:
+            dsn = await asyncio.to_thread(pin_host, dsn, timeout)  # aiopg follows one host only
             pool = await aiopg.create_pool(
                 dsn,
                 minsize=1,

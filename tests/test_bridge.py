@@ -13,7 +13,7 @@ from streams.store import PostgresEventStore
 from tests.database import DatabaseSwitch
 from tests.flow import Route, event_uids, logged, orders, wait_for_orders
 from tests.orders import new_uid, order_bytes, order_dict
-from tests.worker import Worker, eventually, view_size
+from tests.worker import Worker, eventually, free_port, view_size
 
 
 async def test_published_order_is_served_byte_for_byte(
@@ -32,6 +32,27 @@ async def test_published_order_is_served_byte_for_byte(
             await wait_for_orders(worker, 1)
             status, body, _ = await worker.get(f"/orders/{uid}")
             assert status == 200 and orjson.loads(body) == orjson.loads(raw)
+
+
+async def test_the_bridge_fails_over_along_a_seed_list(
+    tmp_path: Path, database_url: str, route: Route
+) -> None:
+    """ORDERS_NATS_URL takes the NATS seed list: with its first server down (a closed port,
+    with credentials), the bridge consumes from the next one, and the log never shows the
+    password."""
+    env = route.env(database_url)
+    env["ORDERS_NATS_URL"] = f"nats://orders:Zq7s3cret@127.0.0.1:{free_port()},{route.nats_url}"
+    uid = new_uid()
+    with Worker(tmp_path, **env) as worker:
+        await worker.wait_ready()
+        await route.send([Message(order_bytes(uid), "order", uid)])
+        await wait_for_orders(worker, 1)
+        status, _, _ = await worker.get(f"/orders/{uid}")
+        assert status == 200
+        log = worker.log()
+        assert "Connection refused" in log, "the first server was tried first"
+        assert f"connected to NATS at {route.nats_url}" in log
+        assert "Zq7s3cret" not in log
 
 
 async def test_same_uid_published_twice_is_one_event_and_the_first_wins(

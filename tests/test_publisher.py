@@ -15,6 +15,7 @@ from publisher.messages import Message
 from publisher.publish import PublishError, publish
 from tests.flow import Route
 from tests.orders import new_uid, order_bytes
+from tests.worker import free_port
 
 
 @pytest.fixture
@@ -97,35 +98,35 @@ async def test_silence_is_a_timeout_not_a_hang(client: Client, route: Route) -> 
         await publish(client, route.subject, fresh_orders(5), ack_timeout=0.3)
 
 
+async def run_publisher(url: str, route: Route, count: int) -> subprocess.CompletedProcess[str]:
+    """`python -m publisher --count N --url URL` on the route's subject and stream."""
+    command = [sys.executable, "-m", "publisher", "--count", str(count), "--url", url]
+    command += ["--subject", route.subject, "--stream", route.stream]
+    return await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
 async def test_the_command_publishes_and_prints_every_uid(
     nats_url: str, client: Client, route: Route
 ) -> None:
     """`python -m publisher` creates the stream, publishes, and prints one uid per order."""
-    result = await asyncio.to_thread(
-        subprocess.run,
-        [
-            sys.executable,
-            "-m",
-            "publisher",
-            "--count",
-            "25",
-            "--url",
-            nats_url,
-            "--subject",
-            route.subject,
-            "--stream",
-            route.stream,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = await run_publisher(nats_url, route, 25)
     assert result.returncode == 0, result.stderr
     uids = result.stdout.split()
     assert len(set(uids)) == 25
     assert "published 25 orders" in result.stderr
     assert await stored(client, route) == 25
+
+
+async def test_the_command_fails_over_along_a_seed_list(
+    nats_url: str, client: Client, route: Route
+) -> None:
+    """`--url` takes the NATS seed list: with the first server down (a closed port), the
+    command connects to the next one and publishes."""
+    result = await run_publisher(f"nats://127.0.0.1:{free_port()},{nats_url}", route, 3)
+    assert result.returncode == 0, result.stderr
+    assert await stored(client, route) == 3
 
 
 async def _ignore(_: object) -> None:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from urllib.parse import quote
 
 import orjson
 import psycopg2
+import psycopg2.extensions
 import pytest
 
+from streams.config import Settings
 from streams.store import DeadLetter, PostgresEventStore
 from streams.validation import Accepted
 from tests.orders import new_uid, order_bytes
+from tests.worker import free_port
 
 
 def accepted(uid: str, **changes: object) -> Accepted:
@@ -196,3 +200,44 @@ async def test_seq_is_assigned_by_the_database_only(
             )
     finally:
         conn.close()
+
+
+def multi_host_url(database_url: str, down_port: int) -> str:
+    """libpq's multi-host URI naming first a closed port on loopback, then the test database's
+    own server (its TCP host or, percent-encoded, its socket directory), read-write only."""
+    params = psycopg2.extensions.parse_dsn(database_url)
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW port")
+            (port,) = cur.fetchone() or ("5432",)
+    finally:
+        conn.close()
+    userinfo = quote(params.get("user", ""), safe="")
+    if params.get("password"):
+        userinfo += ":" + quote(params["password"], safe="")
+    host = quote(params.get("host", "localhost"), safe="")
+    database = quote(params.get("dbname", ""), safe="")
+    return (
+        f"postgresql://{userinfo}@127.0.0.1:{down_port},{host}:{port}/{database}"
+        "?target_session_attrs=read-write"
+    )
+
+
+async def test_a_multi_host_url_reaches_the_first_server_that_answers(database_url: str) -> None:
+    """ORDERS_DATABASE_URL takes libpq's multi-host URI as it is: with the first host down,
+    the store opens on the next, writable one and commits a batch there."""
+    url = multi_host_url(database_url, free_port())
+    assert Settings.from_env({"ORDERS_DATABASE_URL": url}).database_url == url
+    store = await PostgresEventStore.open(url)
+    try:
+        uid = new_uid()
+        result = await store.write_batch([accepted(uid)], [])
+        assert [event.order_uid for event in result.stored] == [uid]
+    finally:
+        await store.close()
+    check = await PostgresEventStore.open(database_url)
+    try:
+        assert await count(check, "orders_events") == 1
+    finally:
+        await check.close()
