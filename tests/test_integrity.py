@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import orjson
 import psycopg2
 import pytest
 import uvloop
@@ -41,9 +42,10 @@ from streams.store import (
     StoreUnavailable,
 )
 from streams.validation import Accepted
+from tests.flow import Route, orders, wait_for_orders
 from tests.orders import new_uid, order_bytes
 from tests.test_agent import envelopes, outcomes
-from tests.worker import eventually
+from tests.worker import Worker, eventually
 from views.follower import ViewFollower
 from views.view import OrdersView
 
@@ -578,3 +580,79 @@ def test_a_lost_connection_under_uvloop_is_store_unavailable_and_dropped_from_th
     _run_on_uvloop(work)
     assert errors == []
     assert len(admin.log_uids()) >= 2
+
+
+async def test_a_worker_whose_writes_are_refused_is_not_ready_and_acks_nothing(
+    tmp_path: Path, limited_url: tuple[str, str], admin: Admin, route: Route
+) -> None:
+    """Promise 4 end to end: a worker that can no longer INSERT does nothing for ingest, so
+    /readyz says 503 "stalled" with the reason (never 200), nothing is acked, unknown uids are
+    still a plain 404 (the view is complete), and once the grant is back the order is stored,
+    served and acked."""
+    url, role = limited_url
+    env = {**route.env(url), "ORDERS_APPLY_SCHEMA": "false"}
+    with Worker(tmp_path, **env) as worker:
+        await worker.wait_ready()
+        admin.run(sql.SQL("REVOKE INSERT ON orders_events FROM {}").format(sql.Identifier(role)))
+        (message,) = orders(1, seed=77)
+        await route.send([message])
+
+        async def stalled() -> bool:
+            status, body, _ = await worker.get("/readyz")
+            return status == 503 and orjson.loads(body).get("status") == "stalled"
+
+        await eventually(stalled, "/readyz reports the stall", 30, worker.log_tail)
+        _, body, _ = await worker.get("/readyz")
+        assert "permission denied" in orjson.loads(body)["problem"]
+        assert (await worker.get("/orders/nosuchorder"))[0] == 404
+        assert await route.ack_floor_and_pending() == (0, 1), "nothing acked"
+        admin.run(sql.SQL("GRANT INSERT ON orders_events TO {}").format(sql.Identifier(role)))
+        await wait_for_orders(worker, 1)
+        assert (await worker.get(f"/orders/{message.uid}"))[0] == 200
+        await worker.wait_ready()
+
+        async def acked() -> bool:
+            return await route.ack_floor_and_pending() == (1, 0)
+
+        await eventually(acked, "the order is acked once stored", 30)
+    warned = [
+        line for line in worker.log().splitlines() if "permission denied" in line and "WARN" in line
+    ]
+    assert len(warned) == 1, warned
+
+
+async def test_a_read_replica_runs_on_a_read_only_database(
+    tmp_path: Path, database_url: str, admin: Admin, store: PostgresEventStore
+) -> None:
+    """Promise 4 (hostile environment): a read replica (ORDERS_CONSUME=false) on a database
+    that refuses every write, as a hot standby does, checks the schema instead of applying it,
+    restores the view and follows the log."""
+    await store.write_batch([accepted()], [])
+    admin.run(
+        sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(
+            sql.Identifier(admin.database)
+        )
+    )
+    settings = Settings(database_url=database_url, data_dir=tmp_path, consume=False)
+    view = OrdersView()
+    runtime = Runtime(settings, view, Metrics(), lambda: None)
+    try:
+        await asyncio.wait_for(runtime.on_start(), timeout=30)
+        assert runtime.readiness()[0] and len(view) == 1
+        writer = Admin(database_url)
+        try:
+            writer.run("SET default_transaction_read_only = off")
+            uid = new_uid()
+            writer.run(
+                "INSERT INTO orders_events (order_uid, event_type, payload) VALUES (%s, %s, %s)",
+                (uid, "OrderPlaced", order_bytes(uid).decode()),
+            )
+        finally:
+            writer.conn.close()
+
+        async def followed() -> bool:
+            return uid in view
+
+        await eventually(followed, "the replica follows the log", 20)
+    finally:
+        await runtime.on_stop()
