@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
+from urllib.parse import urlsplit
 
 import nats
 import orjson
@@ -236,6 +237,78 @@ async def test_connections_killed_from_the_server_side(
     figures.record(
         rounds=rounds,
         backends_terminated=terminated,
+        messages=published.messages,
+        database_retries=first_metric(values, "orders_database_retries_total"),
+        **report.figures(),
+    )
+
+
+class _KillerBeforeCommit:
+    """Ends, again and again, every backend of one database caught between a transaction's
+    statements and its COMMIT (state 'idle in transaction'): the instant at which a lost
+    COMMIT could pass for a confirmed one."""
+
+    def __init__(self, admin_url: str, database: str, kills: int) -> None:
+        self._admin_url = admin_url
+        self._database = database
+        self._kills = kills
+        self.killed = 0
+        self._stop = False
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def run(self) -> None:
+        admin = psycopg2.connect(self._admin_url)
+        admin.autocommit = True
+        try:
+            with admin.cursor() as cur:
+                while not self._stop and self.killed < self._kills:
+                    cur.execute(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                        " WHERE datname = %s AND state = 'idle in transaction'"
+                        " AND pid <> pg_backend_pid()",
+                        (self._database,),
+                    )
+                    (count,) = cur.fetchone()
+                    self.killed += count
+                    time.sleep(0.002 if not count else 0.2)
+        finally:
+            admin.close()
+
+
+async def test_connections_killed_between_the_last_statement_and_commit(
+    tmp_path: Path,
+    postgres_server_url: str,
+    database_url: str,
+    route: Route,
+    store: PostgresEventStore,
+    figures: Figures,
+) -> None:
+    """Promise 1 at its worst instant: backends are ended while their transaction waits for
+    its COMMIT, many times in a run. Nothing may be acked that is not in the log: the audit
+    (every published order once in the log, the consumer drained, views equal to the log)."""
+    kills = sized(15, 60)
+    rate = 500.0
+    messages = chaos_messages(sized(3_000, 12_000), seed=313)
+    worker = Worker(tmp_path, **route.env(database_url), ORDERS_NATS_ACK_WAIT_S=ACK_WAIT_S)
+    database = urlsplit(database_url).path.lstrip("/")
+    killer = _KillerBeforeCommit(postgres_server_url, database, kills)
+    with worker:
+        await worker.wait_ready()
+        killing = asyncio.create_task(asyncio.to_thread(killer.run))
+        try:
+            published = await publish_steadily(route, messages, rate=rate)
+        finally:
+            killer.stop()
+            await killing
+        assert killer.killed > 0, "the fault struck"
+        assert_alive(worker)
+        await wait_settled(store, route, published, [worker])
+        report = await audit(store, published, [worker])
+        values = await metrics(worker)
+    figures.record(
+        backends_ended_before_commit=killer.killed,
         messages=published.messages,
         database_retries=first_metric(values, "orders_database_retries_total"),
         **report.figures(),
