@@ -1,5 +1,6 @@
-"""Scale-out figures: read throughput with one and two worker processes, and how long an
-order committed by one worker takes to be served by another that only follows the log.
+"""Scale-out figures: read throughput with one and two worker processes, how long an
+order committed by one worker takes to be served by another that only follows the log, and,
+under sustained ingest with two writers and a read replica, how long until every view serves it.
 
     python -m bench.scale            # full sizes, 3 runs, the figures as JSON and a table
     python -m bench.scale --smoke    # tiny sizes, 1 run
@@ -34,6 +35,10 @@ from publisher.publish import publish
 
 LUA: Final = Path(__file__).resolve().parent / "read.lua"
 POLL_EVERY_S: Final = 0.001
+# The bound on views under sustained ingest: at LOAD_RATE orders/s with two writers and a read
+# replica, p99 of PubAck → served by every view.
+LOAD_RATE: Final = 5_000
+LOAD_GOAL_MS: Final = 1_000
 
 
 def _wrk(cpu: str, base: str, seconds: int, connections: int, uid_file: Path) -> list[str]:
@@ -110,6 +115,80 @@ async def follow_latency(servers: Servers, count: int, rate: int) -> dict[str, A
     }
 
 
+async def views_under_load(
+    servers: Servers, rate: int, seconds: float, sample_every: int
+) -> dict[str, Any]:
+    """Two writers share the durable consumer (each commits about half the orders) and a read
+    replica follows; orders are published at ``rate`` for ``seconds``. For one order in
+    ``sample_every``, the time from its PubAck until all three views serve it: each writer must
+    take in the other's orders while its own batches keep coming."""
+    route = Route(servers.nats_url)
+    data_dir = scratch_dir("scale-load")
+    messages = dataset.messages(int(rate * seconds), seed=73)
+    lags: list[float] = []
+    try:
+        with fresh_database(servers.admin_url) as dsn:
+            env = {**route.env(), "ORDERS_DATABASE_URL": dsn}
+            async with (
+                running_worker(data_dir / "a", env) as first,
+                running_worker(data_dir / "b", env) as second,
+                running_worker(data_dir / "r", {**env, "ORDERS_CONSUME": "false"}) as replica,
+            ):
+                for worker in (first, second, replica):
+                    await worker.wait_ready()
+                await first.wait_logged("subscribed:")
+                await second.wait_logged("subscribed:")
+                bases = [first.base, second.base, replica.base]
+                lags = await _measure_views(bases, route, messages, rate, sample_every)
+    finally:
+        await route.delete()
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return {
+        "rate": rate,
+        "samples": len(lags),
+        "p50_ms": 1000 * percentile(lags, 0.50),
+        "p99_ms": 1000 * percentile(lags, 0.99),
+        "max_ms": 1000 * max(lags),
+    }
+
+
+async def _measure_views(
+    bases: list[str], route: Route, messages: list[Message], rate: int, sample_every: int
+) -> list[float]:
+    lags: list[float] = []
+    watchers: set[asyncio.Task[None]] = set()
+    loop = asyncio.get_running_loop()
+    acked = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+
+        async def served(base: str, uid: str) -> float:
+            while True:
+                async with http.get(f"{base}/orders/{uid}") as response:
+                    await response.read()
+                    if response.status == 200:
+                        return time.perf_counter()
+                await asyncio.sleep(POLL_EVERY_S * 10)
+
+        async def watch(uid: str, since: float) -> None:
+            times = await asyncio.gather(*(served(base, uid) for base in bases))
+            lags.append(max(times) - since)
+
+        def on_ack(message: Message) -> None:
+            nonlocal acked
+            acked += 1
+            if acked % sample_every == 0:
+                task = loop.create_task(watch(str(message.uid), time.perf_counter()))
+                watchers.add(task)
+
+        nc = await nats.connect(route.nats_url)
+        try:
+            await publish(nc, route.subject, messages, rate=rate, on_ack=on_ack)
+            await asyncio.wait_for(asyncio.gather(*watchers), timeout=120)
+        finally:
+            await nc.close()
+    return lags
+
+
 async def _measure_follow(
     writer: str, follower: str, route: Route, messages: list[Message], rate: int
 ) -> list[float]:
@@ -149,12 +228,16 @@ async def main(smoke: bool, runs: int, output: Path) -> None:
     orders, seconds, follow_count, follow_rate = (
         (2_000, 2, 200, 200) if smoke else (100_000, 10, 10_000, 1_000)
     )
-    results: dict[str, Any] = {"reads": [], "follow": [], "load": []}
+    load_rate, load_seconds = (500, 2.0) if smoke else (LOAD_RATE, 20.0)
+    results: dict[str, Any] = {"reads": [], "follow": [], "under_load": [], "load": []}
     with Servers(None, None) as servers:
         for _ in range(runs):
             results["load"].append(load_average()[0])
             results["reads"].append(await read_scaling(servers, orders, seconds))
             results["follow"].append(await follow_latency(servers, follow_count, follow_rate))
+            results["under_load"].append(
+                await views_under_load(servers, load_rate, load_seconds, sample_every=50)
+            )
     await asyncio.to_thread(output.write_text, json.dumps(results, indent=2))
     one = spread([run["one_rps"] for run in results["reads"]])
     two = spread([run["two_rps"] for run in results["reads"]])
@@ -167,6 +250,11 @@ async def main(smoke: bool, runs: int, output: Path) -> None:
     print(f"| scaling factor | {factor[1]:.2f} ({factor[0]:.2f} – {factor[2]:.2f}) |")
     print(f"| follow latency p50 (ms) | {p50[1]:.1f} ({p50[0]:.1f} – {p50[2]:.1f}) |")
     print(f"| follow latency p99 (ms) | {p99[1]:.1f} ({p99[0]:.1f} – {p99[2]:.1f}) |")
+    every = spread([run["p99_ms"] for run in results["under_load"]])
+    print(
+        f"| PubAck → served by 2 writers + 1 replica, p99 at {load_rate:,}/s (ms)"
+        f" | {every[1]:.1f} ({every[0]:.1f} – {every[2]:.1f}); goal ≤ {LOAD_GOAL_MS:,} |"
+    )
     errors = sum(run["errors"] for run in results["reads"])
     print(f"\nread errors: {errors}; load average before each run: {results['load']}")
 

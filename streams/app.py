@@ -20,7 +20,11 @@ from bridge.consumer import NatsBridge
 from streams.commands import install_commands
 from streams.config import ConfigError, Settings
 from streams.envelope import Envelope
-from streams.logs import logging_config, quiet_http_parser_refusals
+from streams.logs import (
+    logging_config,
+    quiet_http_parser_refusals,
+    quiet_statement_timeout_reports,
+)
 from streams.metrics import Metrics
 from streams.monitor import LeanMonitor
 from streams.runtime import Runtime
@@ -89,6 +93,7 @@ def create_app(settings: Settings) -> OrdersApp:
     """Build the app with its agent, web views and commands."""
     app = OrdersApp(settings)
     quiet_http_parser_refusals()
+    quiet_statement_timeout_reports()
     within = settings.batch_max_wait_ms / 1000
 
     @app.agent(app.orders_channel, name="orders-ingest")

@@ -7,6 +7,7 @@ import logging
 from typing import Any, Final
 
 import orjson
+import psycopg2.errors
 from aiohttp.http_exceptions import BadHttpMessage
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is a field.
@@ -76,3 +77,20 @@ def quiet_http_parser_refusals() -> None:
     logger = logging.getLogger("aiohttp.server")
     if not any(isinstance(existing, _HttpParserRefusals) for existing in logger.filters):
         logger.addFilter(_HttpParserRefusals())
+
+
+class _StatementTimeoutReports(logging.Filter):
+    """aiopg reports each statement PostgreSQL cancelled to the event loop's exception handler
+    (an ERROR with a traceback on the asyncio logger) before raising it; the agent already
+    tells such an episode once, so these records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, psycopg2.errors.QueryCanceled)
+
+
+def quiet_statement_timeout_reports() -> None:
+    """Install the filter on asyncio's logger (once)."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(existing, _StatementTimeoutReports) for existing in logger.filters):
+        logger.addFilter(_StatementTimeoutReports())
