@@ -12,6 +12,12 @@ from psycopg2.extensions import make_dsn, parse_dsn
 log = logging.getLogger(__name__)
 
 
+def is_multi_host(dsn: str) -> bool:
+    """Whether ``dsn`` lists several hosts for libpq to choose from."""
+    params = parse_dsn(dsn)
+    return "," in params.get("host", "") and "hostaddr" not in params
+
+
 def pin_host(dsn: str, connect_timeout: float) -> str:
     """``dsn`` itself when it names a single host; else ``dsn`` narrowed to the host libpq
     picks from its list: the first, in order, that answers and suits ``target_session_attrs``.
@@ -19,13 +25,14 @@ def pin_host(dsn: str, connect_timeout: float) -> str:
     aiopg watches the socket a connection is opened on; when a host fails, libpq opens another
     socket for the next, which aiopg never sees, and the connect hangs until its timeout. So
     libpq picks the host here, on a blocking connection, and aiopg is given that host alone.
-    Connections opened later (after an outage) go to the same host: the list is read again at
-    the next start. Blocking: call it from a thread. Raises what psycopg2.connect raises.
+    The store calls it again when the host it was given fails (a failover), so that it moves
+    to whichever host libpq picks then. Blocking: call it from a thread. Raises what
+    psycopg2.connect raises.
     """
-    params = parse_dsn(dsn)
     # With hostaddr too, libpq pairs the two lists; such a string is left to libpq as it is.
-    if "," not in params.get("host", "") or "hostaddr" in params:
+    if not is_multi_host(dsn):
         return dsn
+    params = parse_dsn(dsn)
     # libpq waits for each host as long as the OS lets a TCP connect hang, unless told.
     extra = {} if "connect_timeout" in params else {"connect_timeout": math.ceil(connect_timeout)}
     conn = psycopg2.connect(dsn, **extra)

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import importlib.resources
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Final, Protocol
 
 import aiopg
@@ -19,7 +19,7 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 
-from streams.pg_hosts import pin_host
+from streams.pg_hosts import is_multi_host, pin_host
 from streams.validation import Accepted
 
 EVENT_TYPE: Final = "OrderPlaced"
@@ -161,6 +161,8 @@ _SCHEMA_LOCK_KEY: Final = 0x0DE25  # any constant shared by every worker applyin
 # ends a slow statement (releasing the append lock) before the client gives up on it; a
 # client that gave up first would leave its backend running, lock held, for nobody.
 _CLIENT_MARGIN_S: Final = 5.0
+# With a list of hosts, how soon after choosing one the store may choose again.
+_CHOOSE_AGAIN_S: Final = 2.0
 
 
 def schema_sql() -> str:
@@ -171,10 +173,23 @@ def schema_sql() -> str:
 class PostgresEventStore:
     """The event store on PostgreSQL: per batch, one transaction and one statement per table."""
 
-    def __init__(self, pool: aiopg.Pool, dsn: str, timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        pool: aiopg.Pool,
+        dsn: str,
+        timeout: float = 10.0,
+        *,
+        configured_dsn: str | None = None,
+        maxsize: int = 4,
+    ) -> None:
         self._pool = pool
-        self._dsn = dsn
+        self._dsn = dsn  # the one host aiopg connects to
+        # As configured: a list of hosts is chosen from again when the chosen one fails.
+        self._configured_dsn = configured_dsn or dsn
+        self._maxsize = maxsize
         self._timeout = timeout
+        self._moving: asyncio.Task[None] | None = None
+        self._moved_at = 0.0
         # Names this store's commits in its notifications ("<seq> <writer>"), so that its own
         # follower can leave them to the agent, which projects them without reading them back.
         self.writer_id = uuid.uuid4().hex[:12]
@@ -196,19 +211,11 @@ class PostgresEventStore:
         that is no ``writer`` (a read replica) never applies the schema and needs SELECT only.
         Raises StoreUnavailable, or a SchemaError."""
         try:
-            dsn = await asyncio.to_thread(pin_host, dsn, timeout)  # aiopg follows one host only
-            pool = await aiopg.create_pool(
-                dsn,
-                minsize=1,
-                maxsize=maxsize,
-                timeout=timeout + _CLIENT_MARGIN_S,
-                enable_json=False,
-                enable_hstore=False,
-                enable_uuid=False,
-            )
+            pinned = await asyncio.to_thread(pin_host, dsn, timeout)  # aiopg follows one host
+            pool = await _create_pool(pinned, maxsize, timeout)
         except (psycopg2.Error, OSError, TimeoutError) as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
-        store = cls(pool, dsn, timeout)
+        store = cls(pool, pinned, timeout, configured_dsn=dsn, maxsize=maxsize)
         try:
             if apply_schema and writer:
                 await store.apply_schema()
@@ -222,8 +229,40 @@ class PostgresEventStore:
 
     async def close(self) -> None:
         """Close every connection of the pool."""
+        if self._moving is not None:
+            self._moving.cancel()
+            await asyncio.gather(self._moving, return_exceptions=True)
         self._pool.close()
         await self._pool.wait_closed()
+
+    def _connection_failed(self) -> None:
+        """A connection to the chosen host failed: with a list of hosts, have libpq choose
+        again (at most every few seconds), so that a writer follows a promoted standby and a
+        reader the host that answers, without a restart."""
+        loop = asyncio.get_running_loop()
+        if (
+            self._moving is not None
+            or loop.time() - self._moved_at < _CHOOSE_AGAIN_S
+            or not is_multi_host(self._configured_dsn)
+        ):
+            return
+        self._moved_at = loop.time()
+        self._moving = loop.create_task(self._choose_host_again(), name="choose-database-host")
+
+    async def _choose_host_again(self) -> None:
+        try:
+            pinned = await asyncio.to_thread(pin_host, self._configured_dsn, self._timeout)
+            if pinned == self._dsn:
+                return
+            pool = await _create_pool(pinned, self._maxsize, self._timeout)
+        except (psycopg2.Error, OSError, TimeoutError):
+            return  # no host answers yet: the next failure tries again
+        finally:
+            self._moving = None
+        old, self._pool, self._dsn = self._pool, pool, pinned
+        # Connections in use go back to the old pool, which closes them as they come.
+        old.close()
+        await old.wait_closed()
 
     async def check_schema(self, *, writer: bool = True) -> None:
         """Fail clearly when the tables are missing or out of reach of this role: a writer
@@ -395,6 +434,7 @@ class PostgresEventStore:
                 self._dsn, enable_json=False, enable_hstore=False, enable_uuid=False
             )
         except (psycopg2.Error, OSError, TimeoutError) as exc:
+            self._connection_failed()
             raise _translate(exc) from exc
         listener = Listener(conn, self.writer_id)
         try:
@@ -412,10 +452,10 @@ class PostgresEventStore:
             return list(await cur.fetchall())
 
     def _cursor(self) -> _Cursor:
-        return _Cursor(self._pool, None)
+        return _Cursor(self._pool, None, self._connection_failed)
 
     def _transaction(self) -> _Cursor:
-        return _Cursor(self._pool, self._timeout)
+        return _Cursor(self._pool, self._timeout, self._connection_failed)
 
 
 class Listener:
@@ -490,9 +530,15 @@ class _Cursor:
     end has not necessarily committed anything.
     """
 
-    def __init__(self, pool: aiopg.Pool, statement_timeout: float | None) -> None:
+    def __init__(
+        self,
+        pool: aiopg.Pool,
+        statement_timeout: float | None,
+        on_failure: Callable[[], None] = lambda: None,
+    ) -> None:
         self._pool = pool
         self._statement_timeout = statement_timeout  # None: no transaction
+        self._on_failure = on_failure
         self._conn: aiopg.Connection | None = None
         self._cur: aiopg.Cursor | None = None
 
@@ -512,7 +558,7 @@ class _Cursor:
         except BaseException as exc:
             conn = self._conn
             await self._release()
-            raise _translate(exc, conn) from exc
+            raise self._failed(exc, conn) from exc
         return self._cur
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
@@ -525,12 +571,20 @@ class _Cursor:
                     await self._roll_back()
         except BaseException as commit_exc:
             await self._release()
-            raise _translate(commit_exc, conn) from commit_exc
+            raise self._failed(commit_exc, conn) from commit_exc
         await self._release()
         if exc is not None:
-            translated = _translate(exc, conn)
+            translated = self._failed(exc, conn)
             if translated is not exc:
                 raise translated from exc
+
+    def _failed(self, exc: BaseException, conn: aiopg.Connection | None) -> BaseException:
+        translated = _translate(exc, conn)
+        # A lost or refused connection, or a host that turned read-only, may mean another host
+        # took over; a denied privilege or a slow statement does not.
+        if type(translated) is StoreUnavailable:
+            self._on_failure()
+        return translated
 
     async def _commit(self) -> None:
         cur = self._cur
@@ -565,6 +619,18 @@ class _Cursor:
         if not conn.closed and _in_transaction(conn):
             conn.close()  # a connection left mid-transaction is closed, not pooled
         await self._pool.release(conn)
+
+
+async def _create_pool(dsn: str, maxsize: int, timeout: float) -> aiopg.Pool:
+    return await aiopg.create_pool(
+        dsn,
+        minsize=1,
+        maxsize=maxsize,
+        timeout=timeout + _CLIENT_MARGIN_S,
+        enable_json=False,
+        enable_hstore=False,
+        enable_uuid=False,
+    )
 
 
 def _in_transaction(conn: aiopg.Connection) -> bool:
