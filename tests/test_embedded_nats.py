@@ -1,0 +1,117 @@
+"""The embedded nats-server a new user gets with ``make run``: only a process that can read the
+service's data dir can reach it, and the publisher finds its way in from that data dir."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import nats
+import nats.errors
+import orjson
+import pytest
+
+from bridge.embedded_nats import URL_FILE, EmbeddedNats
+from tests.flow import wait_for_orders
+from tests.worker import Worker, free_port
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+@pytest.fixture
+async def embedded(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
+    server = EmbeddedNats(tmp_path / "data", port=free_port())
+    await asyncio.to_thread(server.start)
+    try:
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+async def test_a_client_without_the_credentials_is_refused(embedded: EmbeddedNats) -> None:
+    """Promise: a local process that cannot read the data dir cannot publish to the embedded
+    server, nor delete its stream: the server asks for credentials generated at first start."""
+    assert embedded.url is not None
+    for url in (
+        _without_credentials(embedded.url),
+        embedded.url.replace("@", "x@", 1),  # a wrong password
+    ):
+        with pytest.raises((nats.errors.Error, OSError)):
+            await nats.connect(url, allow_reconnect=False, connect_timeout=2)
+    nc = await nats.connect(embedded.url, allow_reconnect=False, connect_timeout=2)
+    try:
+        await nc.jetstream().account_info()
+    finally:
+        await nc.close()
+
+
+async def test_the_secrets_are_private_and_survive_a_restart(tmp_path: Path) -> None:
+    """Promise: the data dir is 0700 (an existing, wider one is narrowed), the files that hold
+    the credentials are 0600, and a restart keeps them, so clients reconnect."""
+    data = tmp_path / "data"
+    data.mkdir(mode=0o755)
+    data.chmod(0o755)
+    server = EmbeddedNats(data, port=free_port())
+    first = await asyncio.to_thread(server.start)
+    try:
+        assert _mode(data) == 0o700
+        assert _mode(data / URL_FILE) == 0o600
+        secrets = [path for path in data.iterdir() if path.is_file()]
+        assert all(_mode(path) == 0o600 for path in secrets), {
+            p.name: oct(_mode(p)) for p in secrets
+        }
+        assert _mode(data / "nats") & 0o077 == 0
+        joined = EmbeddedNats(data)
+        assert await asyncio.to_thread(joined.start) == first and not joined.owned
+    finally:
+        await asyncio.to_thread(server.stop)
+    again = await asyncio.to_thread(server.start)
+    try:
+        assert again == first
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+async def test_the_publisher_finds_the_credentials_of_a_running_service(
+    tmp_path: Path, database_url: str
+) -> None:
+    """Promise: with the embedded NATS, ``python -m publisher`` needs no flags (it reads the
+    URL, credentials included, from the service's data dir), and the service never logs the
+    password."""
+    env = {key: value for key, value in os.environ.items() if key != "ORDERS_NATS_URL"}
+    data = tmp_path / "service"
+    worker = Worker(data, ORDERS_DATABASE_URL=database_url)
+    worker.env.pop("ORDERS_NATS_URL", None)  # the embedded server, as with ``make run``
+    with worker:
+        await worker.wait_ready()
+        published = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "publisher", "--count", "2", "--seed", "1401"],
+            env={**env, "ORDERS_DATA_DIR": str(data)},
+            capture_output=True,
+            timeout=60,
+        )
+        assert published.returncode == 0, published.stderr.decode()
+        uids = published.stdout.decode().split()
+        assert len(uids) == 2
+        await wait_for_orders(worker, 2)
+        status, body, _ = await worker.get(f"/orders/{uids[0]}")
+        assert status == 200 and orjson.loads(body)["order_uid"] == uids[0]
+        url = (data / URL_FILE).read_text().strip()
+        password = urlsplit(url).password
+        assert password, "the embedded server's URL carries no credentials"
+        assert password not in worker.log()
+        assert password not in published.stderr.decode() + published.stdout.decode()
