@@ -8,7 +8,6 @@ import os
 import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,27 +30,17 @@ def _without_credentials(url: str) -> str:
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
-@pytest.fixture
-async def embedded(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
-    server = EmbeddedNats(tmp_path / "data", port=free_port())
-    await asyncio.to_thread(server.start)
-    try:
-        yield server
-    finally:
-        await asyncio.to_thread(server.stop)
-
-
-async def test_a_client_without_the_credentials_is_refused(embedded: EmbeddedNats) -> None:
+async def test_a_client_without_the_credentials_is_refused(own_nats: EmbeddedNats) -> None:
     """Promise: a local process that cannot read the data dir cannot publish to the embedded
     server, nor delete its stream: the server asks for credentials generated at first start."""
-    assert embedded.url is not None
+    assert own_nats.url is not None
     for url in (
-        _without_credentials(embedded.url),
-        embedded.url.replace("@", "x@", 1),  # a wrong password
+        _without_credentials(own_nats.url),
+        own_nats.url.replace("@", "x@", 1),  # a wrong password
     ):
         with pytest.raises((nats.errors.Error, OSError)):
             await nats.connect(url, allow_reconnect=False, connect_timeout=2)
-    nc = await nats.connect(embedded.url, allow_reconnect=False, connect_timeout=2)
+    nc = await nats.connect(own_nats.url, allow_reconnect=False, connect_timeout=2)
     try:
         await nc.jetstream().account_info()
     finally:
