@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import grp
 import json
+import logging
 import os
 import pwd
 import shlex
@@ -47,6 +48,8 @@ from streams.private_files import private_dir, secret, write_private
 warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 from pgserver._commands import POSTGRES_BIN_PATH  # noqa: E402
 from pgserver.utils import ensure_user_exists  # noqa: E402
+
+log = logging.getLogger(__name__)
 
 DATABASE: Final = "orders"
 SUPERUSER: Final = "postgres"
@@ -93,11 +96,11 @@ def start_embedded_postgres(data_dir: Path) -> str:
     else:
         private_dir(pgdata)
     password_file = data_dir / "postgres.password"
-    new_password = not password_file.exists()
-    password = secret(password_file)
     passfile = data_dir / "postgres.pgpass"
-    write_private(passfile, f"*:*:*:{SUPERUSER}:{password}\n")
     with _lock(data_dir / "postgres.lock"):
+        new_password = not password_file.exists()
+        password = secret(password_file)
+        write_private(passfile, f"*:*:*:{SUPERUSER}:{password}\n")
         running = _running_socket_dir(pgdata)
         if running is None:
             if not (pgdata / "PG_VERSION").exists():
@@ -239,22 +242,16 @@ def _start(pgdata: Path, run_as: _RunAs) -> Path:
             "-c unix_socket_permissions=0700",
         ]
     )
-    _run(
-        [
-            "pg_ctl",
-            "-D",
-            str(pgdata),
-            "-w",
-            "-t",
-            "60",
-            "-l",
-            str(pgdata / "log"),
-            "-o",
-            options,
-            "start",
-        ],
-        run_as,
-    )
+    server_log = pgdata / "log"
+    start = ["pg_ctl", "-D", str(pgdata), "-w", "-t", "60", "-l", str(server_log), "-o", options]
+    try:
+        _run([*start, "start"], run_as)
+    except EmbeddedPostgresError as error:
+        try:
+            tail = server_log.read_text(errors="replace")[-2000:]
+        except OSError:
+            tail = "(no server log)"
+        raise EmbeddedPostgresError(f"{error}\nthe end of {server_log}:\n{tail}") from None
     return socket_dir
 
 
@@ -266,12 +263,9 @@ def _running_socket_dir(pgdata: Path) -> Path | None:
         return None
     try:
         pid = int(lines[0])
-        os.kill(pid, 0)
-    except (ValueError, IndexError, ProcessLookupError):
+    except (ValueError, IndexError):
         return None
-    except PermissionError:
-        pass  # alive, as another user
-    if len(lines) < 8 or lines[7].strip() != "ready" or not lines[4].strip():
+    if not _alive(pid) or len(lines) < 8 or lines[7].strip() != "ready" or not lines[4].strip():
         return None
     socket_dir = Path(lines[4].strip())
     return socket_dir if _socket_answers(socket_dir) else None
@@ -317,7 +311,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # alive, as another user
     return True
 
 
@@ -329,8 +323,11 @@ def _release(data_dir: Path, pgdata: Path, run_as: _RunAs) -> None:
         socket_dir = _running_socket_dir(pgdata)
         if socket_dir is None:
             return
-        with contextlib.suppress(EmbeddedPostgresError, subprocess.TimeoutExpired):
+        try:
             _run(["pg_ctl", "-D", str(pgdata), "-w", "-m", "fast", "stop"], run_as)
+        except (EmbeddedPostgresError, subprocess.TimeoutExpired) as error:
+            log.warning("embedded PostgreSQL in %s not stopped: %s", pgdata, error)
+            return
         if socket_dir != pgdata:
             with contextlib.suppress(OSError):
                 socket_dir.rmdir()

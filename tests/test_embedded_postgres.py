@@ -154,3 +154,40 @@ def test_a_closed_folder_above_is_left_closed(parent: Path) -> None:
     else:
         assert result.returncode == 0, result.stderr.decode()[-2000:]
     assert _mode(closed) == 0o700, f"{closed} widened to {oct(_mode(closed))}"
+
+
+def _refuses_without_the_password_and_serves_with_it(url: str) -> None:
+    with pytest.raises(psycopg2.OperationalError, match="password"):
+        _connect_without_the_password(url)
+    psycopg2.connect(url, connect_timeout=5).close()
+
+
+def test_a_restart_keeps_the_password(parent: Path) -> None:
+    """Promise: the second start finds the cluster and the password of the first."""
+    data = parent / "data"
+    with embedded(data) as first:
+        _refuses_without_the_password_and_serves_with_it(first)
+    with embedded(data) as second:
+        assert second == first
+        _refuses_without_the_password_and_serves_with_it(second)
+
+
+def test_a_cluster_that_trusted_everyone_gets_a_password(parent: Path) -> None:
+    """Promise: a data dir made by an earlier version (pgserver's own start, which trusts every
+    connection) asks for the password from its next start on."""
+    data = parent / "data"
+    data.mkdir()
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pgserver.postgres_server import get_server;"
+            " get_server(sys.argv[1], cleanup_mode='stop')",
+            str(data / "postgres"),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
+    assert made.returncode == 0, made.stderr.decode()[-2000:]
+    with embedded(data) as url:
+        _refuses_without_the_password_and_serves_with_it(url)
