@@ -79,9 +79,11 @@ async def test_slow_and_idle_connections_are_closed_while_others_are_served(
         ]
         # One complete request, then silence on the kept-alive connection.
         idle = asyncio.create_task(_closed_by_server(worker.port, REQUEST, b"", deadline))
+        # A connection that never sends a byte.
+        silent = asyncio.create_task(_closed_by_server(worker.port, b"", b"", deadline))
         answered = 0
         async with aiohttp.ClientSession() as http:
-            while not all(task.done() for task in slow) or not idle.done():
+            while not all(task.done() for task in [*slow, idle, silent]):
                 async with http.get(f"{worker.base}/orders/{batch[0].uid}") as response:
                     assert response.status == 200
                     assert await response.read() == batch[0].data
@@ -95,6 +97,9 @@ async def test_slow_and_idle_connections_are_closed_while_others_are_served(
         idle_closed, answer = idle.result()
         assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
         assert idle_closed, f"an idle kept-alive connection was open after {CLOSED_WITHIN_S} s"
+        assert silent.result() == (True, b""), (
+            f"a silent connection was open after {CLOSED_WITHIN_S} s"
+        )
         assert answered > 0
         status, _, _ = await worker.get("/healthz")
         assert status == 200
