@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+from urllib.parse import quote
 
 import psycopg2
 from psycopg2 import sql
@@ -119,7 +120,9 @@ def start_embedded_postgres(data_dir: Path) -> str:
 
 
 def _url(socket_dir: Path, passfile: Path, database: str) -> str:
-    return f"postgresql://{SUPERUSER}@/{database}?host={socket_dir}&port={PORT}&passfile={passfile}"
+    # Percent-encoded, which libpq decodes: a folder's name may hold spaces, '&' or '='.
+    host, pgpass = (quote(str(path), safe="/") for path in (socket_dir, passfile))
+    return f"postgresql://{SUPERUSER}@/{database}?host={host}&port={PORT}&passfile={pgpass}"
 
 
 def _run_as() -> _RunAs:

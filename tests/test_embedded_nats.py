@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -74,22 +77,31 @@ async def test_the_secrets_are_private_and_survive_a_restart(tmp_path: Path) -> 
         await asyncio.to_thread(server.stop)
 
 
-async def test_the_publisher_finds_the_credentials_of_a_running_service(
-    tmp_path: Path, database_url: str
-) -> None:
-    """Promise: with the embedded NATS, ``python -m publisher`` needs no flags (it reads the
-    URL, credentials included, from the service's data dir), and the service never logs the
-    password."""
-    env = {key: value for key, value in os.environ.items() if key != "ORDERS_NATS_URL"}
-    data = tmp_path / "service"
-    worker = Worker(data, ORDERS_DATABASE_URL=database_url)
-    worker.env.pop("ORDERS_NATS_URL", None)  # the embedded server, as with ``make run``
+@pytest.fixture
+def service_dir() -> Iterator[Path]:
+    """A data dir for a worker with both embedded servers. Not below pytest's folder, which is
+    0700: as root, the embedded PostgreSQL's own user could not enter it."""
+    parent = Path(tempfile.mkdtemp(prefix="orders-make-run-"))
+    parent.chmod(0o755)
+    try:
+        yield parent / "data"
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+async def test_make_run_defaults_publish_serve_and_log_no_password(service_dir: Path) -> None:
+    """Promise: with both embedded servers (``make run``), ``python -m publisher`` needs no
+    flags (it reads the URL, credentials included, from the service's data dir), the orders
+    are served, and neither the service nor the publisher writes a password anywhere."""
+    env = {key: value for key, value in os.environ.items() if not key.endswith("_URL")}
+    worker = Worker(service_dir)
+    worker.env = {key: value for key, value in worker.env.items() if not key.endswith("_URL")}
     with worker:
         await worker.wait_ready()
         published = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "publisher", "--count", "2", "--seed", "1401"],
-            env={**env, "ORDERS_DATA_DIR": str(data)},
+            env={**env, "ORDERS_DATA_DIR": str(service_dir)},
             capture_output=True,
             timeout=60,
         )
@@ -99,8 +111,10 @@ async def test_the_publisher_finds_the_credentials_of_a_running_service(
         await wait_for_orders(worker, 2)
         status, body, _ = await worker.get(f"/orders/{uids[0]}")
         assert status == 200 and orjson.loads(body)["order_uid"] == uids[0]
-        url = (data / URL_FILE).read_text().strip()
-        password = urlsplit(url).password
-        assert password, "the embedded server's URL carries no credentials"
-        assert password not in worker.log()
-        assert password not in published.stderr.decode() + published.stdout.decode()
+        nats_password = urlsplit((service_dir / URL_FILE).read_text().strip()).password
+        assert nats_password, "the embedded server's URL carries no credentials"
+        postgres_password = (service_dir / "postgres.password").read_text().strip()
+        output = published.stderr.decode() + published.stdout.decode()
+        for password in (nats_password, postgres_password):
+            assert password not in worker.log()
+            assert password not in output
