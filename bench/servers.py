@@ -221,7 +221,8 @@ class Servers:
         nats_server = (
             f"given: {redact(self.nats_url)}"
             if self._nats_url
-            else f"embedded nats-server with JetStream (file store, mkdtemp) at {self.nats_url}"
+            else "embedded nats-server with JetStream (file store, mkdtemp) at"
+            f" {redact(self.nats_url)}"
         )
         return {"postgres": postgres, "nats": nats_server}
 

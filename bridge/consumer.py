@@ -78,7 +78,7 @@ class NatsBridge:
             log.info(
                 "NATS: embedded nats-server %s at %s (JetStream store in %s)",
                 how,
-                url,
+                redact(url),
                 self.settings.data_dir / "nats",
             )
         self._loop_task = asyncio.create_task(self._consume(), name="nats-bridge")

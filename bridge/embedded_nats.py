@@ -12,9 +12,15 @@ import sysconfig
 import time
 from pathlib import Path
 from typing import Final
+from urllib.parse import urlsplit
+
+from streams.private_files import private_dir, secret, write_private
 
 DEFAULT_PORT: Final = 4222
 URL_FILE: Final = "nats.url"
+PASSWORD_FILE: Final = "nats.password"
+CONFIG_FILE: Final = "nats-server.conf"
+USER: Final = "orders"
 
 
 class EmbeddedNatsError(RuntimeError):
@@ -41,10 +47,14 @@ def server_binary() -> Path:
 class EmbeddedNats:
     """A nats-server with JetStream whose store lives in ``data_dir/nats``.
 
-    It listens on 127.0.0.1, on port 4222 when free and on a free port otherwise, and writes
-    its URL to ``data_dir/nats.url`` so that the publisher finds it with no flags. If that file
-    names a server that answers, the server is joined, not started again (two processes must
-    not share one JetStream store).
+    It listens on 127.0.0.1, on port 4222 when free and on a free port otherwise, and asks
+    every client for a user and password: any local process can reach 127.0.0.1, and only the
+    service's user may publish, or delete the stream. The password is generated at first start
+    and kept in ``data_dir/nats.password``; the server reads it from its configuration file
+    (never from its command line, which every local user can read). Its URL, credentials
+    included, goes to ``data_dir/nats.url`` so that the publisher finds it with no flags. The
+    data dir is 0700 and these files 0600. If ``nats.url`` names a server that answers, the
+    server is joined, not started again (two processes must not share one JetStream store).
     """
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
@@ -60,19 +70,26 @@ class EmbeddedNats:
 
     def start(self, timeout: float = 15.0) -> str:
         """Start or join the server; return its URL. Blocking: call from a thread in async code."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
         url_file = self.data_dir / URL_FILE
         known = _read_url(url_file)
         if known is not None and _answers(known):
             self.url = known
             return known
         port = self.port or (DEFAULT_PORT if _port_free(DEFAULT_PORT) else _free_port())
-        store = (self.data_dir / "nats").resolve()
+        store = private_dir(self.data_dir / "nats").resolve()
+        password = secret(self.data_dir / PASSWORD_FILE)
+        config = self.data_dir / CONFIG_FILE
+        # token_urlsafe's alphabet needs no quoting in the configuration nor in a URL.
+        write_private(config, f'authorization {{\n  user: "{USER}"\n  password: "{password}"\n}}\n')
         log_path = self.data_dir / "nats-server.log"
-        with open(log_path, "ab") as log_file:
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with open(log_fd, "ab") as log_file:
             self._process = subprocess.Popen(
                 [
                     str(server_binary()),
+                    "-c",
+                    str(config.resolve()),
                     "-a",
                     "127.0.0.1",
                     "-p",
@@ -85,7 +102,7 @@ class EmbeddedNats:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C meant for the service must not kill it first
             )
-        url = f"nats://127.0.0.1:{port}"
+        url = f"nats://{USER}:{password}@127.0.0.1:{port}"
         deadline = time.monotonic() + timeout
         while not _answers(url):
             if self._process.poll() is not None:
@@ -96,7 +113,7 @@ class EmbeddedNats:
                     f"nats-server did not answer within {timeout} s; see {log_path}"
                 )
             time.sleep(0.05)
-        url_file.write_text(url + "\n", encoding="utf-8")
+        write_private(url_file, url + "\n")
         self.url = url
         return url
 
@@ -125,9 +142,12 @@ def _read_url(path: Path) -> str | None:
 
 
 def _answers(url: str) -> bool:
-    host, _, port = url.removeprefix("nats://").rpartition(":")
     try:
-        with socket.create_connection((host, int(port)), timeout=0.5):
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port
+        if host is None or port is None:
+            return False
+        with socket.create_connection((host, port), timeout=0.5):
             return True
     except (OSError, ValueError):
         return False

@@ -1,17 +1,39 @@
-"""Faust's aiohttp web driver, without aiohttp_cors when no CORS options are configured.
+"""Faust's aiohttp web driver, without aiohttp_cors when no CORS options are configured, and
+with a bound on how long a connection may stay open without a complete request.
 
 Faust sets aiohttp_cors up at start whatever the options, and its response hook then runs on
 every response. This service configures no CORS (the page is served from the same origin),
 so the driver skips that setup and installs CORS only when options are given.
+
+Faust's runner takes aiohttp's defaults, under which a connection that never finishes its
+request head (a slowloris client) or idles between requests stays open for an hour.
 """
 
 from __future__ import annotations
 
+from typing import Any, Final
+
+from aiohttp.web import AppRunner
+from faust.types import AppT
 from faust.web.drivers import aiohttp as aiohttp_driver
+
+# aiohttp arms this timer when a connection opens and again after each response, and closes
+# the connection if no complete request head has arrived when it fires: one number bounds both
+# the wait for a request head and the idle time of a kept-alive connection. A request head has
+# this long to arrive whole, however slowly it trickles in.
+KEEPALIVE_TIMEOUT_S: Final = 10.0
 
 
 class Web(aiohttp_driver.Web):
-    """The aiohttp driver; CORS machinery only when CORS options exist."""
+    """The aiohttp driver; CORS machinery only when CORS options exist; connections that
+    carry no complete request for :data:`KEEPALIVE_TIMEOUT_S` are closed."""
+
+    def __init__(self, app: AppT, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        # Faust builds its runner with aiohttp's defaults; this one differs in the timeout only.
+        self._runner = AppRunner(
+            self.web_app, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT_S
+        )
 
     async def on_start(self) -> None:
         if self.cors_options:

@@ -21,11 +21,23 @@ _JSON: Final = "application/json"
 # Readiness states in which the view does not yet hold every order of the log, so an unknown
 # uid may still come; while "stalled" (writes failing) the view is complete, and 404 is true.
 _VIEW_INCOMPLETE: Final = ("restoring", "lagging")
-_PAGE_HEADERS: Final = {
-    # The page inserts order data as text only; the policy makes any slip inert as well.
-    "Content-Security-Policy": "default-src 'self'; object-src 'none'; base-uri 'none'",
+# Every answer: no type sniffing, no referrer, never framed by another site (clickjacking).
+_COMMON_HEADERS: Final = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
+}
+_PAGE_HEADERS: Final = {
+    # The page inserts order data as text only; the policy makes any slip inert as well.
+    "Content-Security-Policy": (
+        "default-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    **_COMMON_HEADERS,
+}
+# JSON, scripts, styles and metrics: nothing in them is to run or be framed as a document.
+# (aiohttp copies a response's headers, so these dicts are shared, never changed.)
+_DATA_HEADERS: Final = {
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    **_COMMON_HEADERS,
 }
 
 
@@ -70,7 +82,7 @@ def install_routes(
             payload = view.get(uid)
             if payload is not None:
                 # Only uids that passed validation are in the view: no need to check first.
-                return self.bytes(payload, content_type=_JSON)
+                return self.bytes(payload, content_type=_JSON, headers=_DATA_HEADERS)
             if not _UID.match(uid):
                 return _error(
                     self, 400, "malformed order_uid: expected 1 to 64 letters, digits, '_' or '-'"
@@ -85,7 +97,7 @@ def install_routes(
 
     @app.page("/", name="index")
     async def index(self: View, request: Request) -> Response:
-        return self.html(index_html, headers=dict(_PAGE_HEADERS))
+        return self.html(index_html, headers=_PAGE_HEADERS)
 
     _asset(app, "/app.js", _static("app.js"), "text/javascript")
     _asset(app, "/app.css", _static("app.css"), "text/css")
@@ -93,26 +105,29 @@ def install_routes(
 
     @app.page("/metrics", name="metrics")
     async def metrics(self: View, request: Request) -> Response:
-        return self.bytes(generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return self.bytes(
+            generate_latest(registry),
+            headers={**_DATA_HEADERS, "Content-Type": CONTENT_TYPE_LATEST},
+        )
 
     @app.page("/healthz", name="healthz")
     async def healthz(self: View, request: Request) -> Response:
-        return self.json({"status": "alive"})
+        return self.json({"status": "alive"}, headers=_DATA_HEADERS)
 
     @app.page("/readyz", name="readyz")
     async def readyz(self: View, request: Request) -> Response:
         ready, detail = readiness()
-        return self.json(detail, status=200 if ready else 503)
+        # The detail is the status and counts only (no addresses, URLs or errors): the port may
+        # be public, and an orchestrator needs no more.
+        return self.json(detail, status=200 if ready else 503, headers=_DATA_HEADERS)
 
 
 def _asset(app: faust.App, path: str, body: bytes, content_type: str) -> None:
     async def asset(self: View, request: Request) -> Response:
-        return self.bytes(
-            body, content_type=content_type, headers={"X-Content-Type-Options": "nosniff"}
-        )
+        return self.bytes(body, content_type=content_type, headers=_DATA_HEADERS)
 
     app.page(path, name=path.lstrip("/"))(asset)
 
 
 def _error(page: View, status: int, message: str) -> Response:
-    return page.json({"error": message, "status": status}, status=status)
+    return page.json({"error": message, "status": status}, status=status, headers=_DATA_HEADERS)
