@@ -255,7 +255,7 @@ class PostgresEventStore:
             if pinned == self._dsn:
                 return
             pool = await _create_pool(pinned, self._maxsize, self._timeout)
-        except (psycopg2.Error, OSError, TimeoutError):
+        except (psycopg2.Error, OSError, TimeoutError, StoreUnavailable):
             return  # no host answers yet: the next failure tries again
         finally:
             self._moving = None
@@ -433,9 +433,11 @@ class PostgresEventStore:
             conn = await aiopg.connect(
                 self._dsn, enable_json=False, enable_hstore=False, enable_uuid=False
             )
-        except (psycopg2.Error, OSError, TimeoutError) as exc:
-            self._connection_failed()
-            raise _translate(exc) from exc
+        except (psycopg2.Error, OSError, TimeoutError, RuntimeError) as exc:
+            translated = _translate(_connect_failure(exc))
+            if isinstance(translated, StoreUnavailable):
+                self._connection_failed()
+            raise translated from exc
         listener = Listener(conn, self.writer_id)
         try:
             async with conn.cursor() as cur:
@@ -557,8 +559,9 @@ class _Cursor:
                 )
         except BaseException as exc:
             conn = self._conn
+            failure = _connect_failure(exc) if conn is None else exc
             await self._release()
-            raise self._failed(exc, conn) from exc
+            raise self._failed(failure, conn) from exc
         return self._cur
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
@@ -622,15 +625,54 @@ class _Cursor:
 
 
 async def _create_pool(dsn: str, maxsize: int, timeout: float) -> aiopg.Pool:
-    return await aiopg.create_pool(
-        dsn,
-        minsize=1,
-        maxsize=maxsize,
-        timeout=timeout + _CLIENT_MARGIN_S,
-        enable_json=False,
-        enable_hstore=False,
-        enable_uuid=False,
-    )
+    try:
+        return await aiopg.create_pool(
+            dsn,
+            minsize=1,
+            maxsize=maxsize,
+            timeout=timeout + _CLIENT_MARGIN_S,
+            enable_json=False,
+            enable_hstore=False,
+            enable_uuid=False,
+        )
+    except BaseException as exc:
+        failure = _connect_failure(exc)
+        if failure is exc:
+            raise
+        raise failure from exc
+
+
+def _connect_failure(exc: BaseException) -> BaseException:
+    """What a failure to open a connection is to the store: the aiopg connection that failed
+    is closed at once (see :func:`_close_failed_connections`), and uvloop's RuntimeError on it
+    is StoreUnavailable like any other failed connect."""
+    if _close_failed_connections(exc) and isinstance(exc, RuntimeError):
+        message = " ".join(str(exc).split())
+        return StoreUnavailable(f"PostgreSQL: could not connect ({message})")
+    return exc
+
+
+def _close_failed_connections(exc: BaseException) -> bool:
+    """Close, at once, the aiopg connections whose opening raised ``exc``; whether there
+    were any.
+
+    aiopg leaves a connection that failed to open (a host refusing connections) registered
+    with the event loop, and only its finaliser, whenever the garbage collector gets to it,
+    unregisters it. Under uvloop that registration is a poller closed by the error, kept under
+    the file descriptor's number: the next connection given that number (the one to the new
+    primary, after a failover) fails with "unable to perform operation on <UVPoll
+    closed=True>", and so on until the collector runs. Closing the connection here, while its
+    descriptor is still its own (nothing else ran since it failed), unregisters it.
+    """
+    found = False
+    trace = exc.__traceback__
+    while trace is not None:
+        candidate = trace.tb_frame.f_locals.get("self")
+        if isinstance(candidate, aiopg.Connection):
+            found = True
+            candidate.close()  # also when psycopg2 counts it closed: aiopg's part is not
+        trace = trace.tb_next
+    return found
 
 
 def _in_transaction(conn: aiopg.Connection) -> bool:
