@@ -41,6 +41,12 @@ _RETRY_MAX_S: Final = 5.0
 _NAK_DELAY_S: Final = 2.0
 _STOP_GRACE_S: Final = 30.0
 _POLL_CONSUMER_S: Final = 5.0
+# A server that stops answering without closing its sockets (frozen, or cut off by the
+# network) is taken for gone after this many seconds times (pings + 1), and the client moves
+# to the next server of the seed list; nats-py's default, 120 s and 2 pings, held a worker on a
+# frozen node of a healthy cluster for four minutes.
+_PING_INTERVAL_S: Final = 3
+_MAX_OUTSTANDING_PINGS: Final = 2
 
 _NATS_ERRORS: Final = (nats.errors.Error, nats.js.errors.Error, OSError)
 _BIND_ERRORS: Final = (*_NATS_ERRORS, PullRefused, TimeoutError)
@@ -203,6 +209,8 @@ class NatsBridge:
                 name="orders-service",
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
+                ping_interval=_PING_INTERVAL_S,
+                max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
                 connect_timeout=5,
                 disconnected_cb=self._on_disconnected,
                 reconnected_cb=self._on_reconnected,
