@@ -327,6 +327,14 @@ def rss_mib(worker: Worker) -> float:
     raise AssertionError("no VmRSS in /proc/<pid>/status")
 
 
+async def orders_served(worker: Worker) -> int:
+    """How many orders the worker's /readyz counts, -1 while it is not ready."""
+    status, body, _ = await worker.get("/readyz")
+    detail = orjson.loads(body)
+    assert isinstance(detail, dict)
+    return int(detail["orders"]) if status == 200 else -1
+
+
 def assert_alive(worker: Worker) -> None:
     assert worker.process is not None and worker.process.poll() is None, (
         f"the worker fell over:\n{worker.log_tail()}"

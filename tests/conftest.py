@@ -22,6 +22,7 @@ from psycopg2 import sql
 
 from bridge.embedded_nats import EmbeddedNats
 from streams.store import PostgresEventStore
+from tests.chaos_servers import Figures
 from tests.database import DatabaseSwitch
 from tests.flow import Route
 from tests.worker import free_port
@@ -133,3 +134,9 @@ async def own_nats(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
 def model_order() -> bytes:
     """The reference order (the 'Wildberries L0' model) as bytes."""
     return FIXTURE.read_bytes()
+
+
+@pytest.fixture
+def figures(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]) -> Figures:
+    """Where a fault test's figures go: ``[chaos]`` lines, and ``ORDERS_CHAOS_REPORT``."""
+    return Figures(request.node.name, capsys)

@@ -38,6 +38,7 @@ from tests.chaos_servers import (
     consumer_state,
     first_metric,
     metrics,
+    orders_served,
     own_postgres,
     publish_steadily,
     rss_mib,
@@ -67,18 +68,6 @@ OPEN_FINDINGS: Final[frozenset[str]] = frozenset()
 ACK_WAIT_S = "5"
 
 
-@pytest.fixture
-def figures(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]) -> Figures:
-    return Figures(request.node.name, capsys)
-
-
-async def _orders_served(worker: Worker) -> int:
-    status, body, _ = await worker.get("/readyz")
-    detail = orjson.loads(body)
-    assert isinstance(detail, dict)
-    return int(detail["orders"]) if status == 200 else -1
-
-
 # ---------------------------------------------------------------------------------------------
 # 1. SIGKILL at random moments
 
@@ -105,7 +94,7 @@ async def test_sigkill_at_random_moments_loses_nothing_and_stores_nothing_twice(
             moment = rng.uniform(0.2, 2.5)
             await asyncio.sleep(moment)
             assert_alive(worker)
-            in_view.append(await _orders_served(worker))
+            in_view.append(await orders_served(worker))
             moments.append(moment)
             worker.kill()
             begun = time.monotonic()
@@ -166,7 +155,7 @@ async def test_postgres_stopped_mid_run_then_started_again(
         publishing = asyncio.create_task(publish_steadily(route, messages, rate=rate))
 
         async def some_stored() -> bool:
-            return await _orders_served(worker) >= 200
+            return await orders_served(worker) >= 200
 
         await eventually(some_stored, "200 orders stored", context=worker.log_tail)
         known = str(messages[0].uid)
@@ -341,7 +330,7 @@ async def test_nats_stopped_mid_run_then_started_again(
         await worker.wait_ready()
         publishing = asyncio.create_task(publish_steadily(route, messages, rate=rate))
         await asyncio.sleep(2.0)
-        before = await _orders_served(worker)
+        before = await orders_served(worker)
         await asyncio.to_thread(own_nats.stop)
         await asyncio.sleep(outage)
         assert_alive(worker)
@@ -349,7 +338,7 @@ async def test_nats_stopped_mid_run_then_started_again(
         back = time.monotonic()
 
         async def consuming_again() -> bool:
-            return await _orders_served(worker) > before + 50
+            return await orders_served(worker) > before + 50
 
         await eventually(consuming_again, "consumption resumed", 60, worker.log_tail)
         resumed = time.monotonic() - back
@@ -472,7 +461,7 @@ async def test_table_locked_longer_than_ack_wait_keeps_work_bounded(
 
 
 async def _orders_served_at_least(worker: Worker, count: int) -> bool:
-    return await _orders_served(worker) >= count
+    return await orders_served(worker) >= count
 
 
 # ---------------------------------------------------------------------------------------------

@@ -55,11 +55,6 @@ UID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")  # README: 1-64 of A-Z a-z 0-9 _
 NATS_MAX_PAYLOAD: Final = 1_000_000  # nats-server's default max_payload is 1 MiB, headers included
 
 
-@pytest.fixture
-def figures(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]) -> Figures:
-    return Figures(request.node.name, capsys)
-
-
 # ---------------------------------------------------------------------------------------------
 # Reproducers of the findings
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Final
 
 import nats
-import orjson
 import pytest
 
 from bridge.jetstream import ensure_consumer
@@ -32,6 +31,7 @@ from tests.chaos_servers import (
     chaos,
     chaos_messages,
     consumer_state,
+    orders_served,
     publish_steadily,
     sized,
     wait_settled,
@@ -56,22 +56,10 @@ ACK_WAIT_S: Final = "5"
 ROUNDS: Final = sized(1, 10)
 
 
-@pytest.fixture
-def figures(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]) -> Figures:
-    return Figures(request.node.name, capsys)
-
-
-async def _served(worker: Worker) -> int:
-    status, body, _ = await worker.get("/readyz")
-    detail = orjson.loads(body)
-    assert isinstance(detail, dict)
-    return int(detail["orders"]) if status == 200 else -1
-
-
 async def _served_more_than(worker: Worker, floor: int, timeout: float = 120.0) -> None:
     async def more() -> bool:
         assert_alive(worker)
-        return await _served(worker) > floor
+        return await orders_served(worker) > floor
 
     await eventually(more, f"more than {floor} orders served", timeout, worker.log_tail)
 
@@ -295,7 +283,7 @@ async def _cluster_run(
             messages = chaos_messages(int(rate * 8), seed=800 + round_)
             publishing = asyncio.create_task(publish_steadily(route, messages, rate=rate))
             await _served_more_than(worker, len(published.valid) + 300)
-            at_fault = await _served(worker)
+            at_fault = await orders_served(worker)
             faulted = time.monotonic()
             if fault == "kill":
                 target.kill()
@@ -332,27 +320,19 @@ async def _cluster_run(
     )
 
 
-async def test_the_nats_node_in_use_killed_then_started_again(
+@pytest.mark.parametrize("fault", ["kill", "pause"])
+async def test_the_nats_node_in_use_lost(
     tmp_path: Path,
     database_url: str,
     store: PostgresEventStore,
     cluster: NatsCluster,
     figures: Figures,
+    fault: str,
 ) -> None:
-    """Promise 1 with a node of three lost: SIGKILL of the node the worker is connected to,
-    which leads the R3 stream, mid-burst; the worker moves to another node of its seed list,
-    the stream elects a leader among the two left, and the node comes back later."""
-    await _cluster_run(tmp_path, database_url, store, cluster, figures, "kill")
-
-
-async def test_the_nats_node_in_use_frozen_then_let_go(
-    tmp_path: Path,
-    database_url: str,
-    store: PostgresEventStore,
-    cluster: NatsCluster,
-    figures: Figures,
-) -> None:
-    """Promise 1 with a node that stops answering but keeps its sockets open (SIGSTOP, as a
-    paused VM or a network that drops packets): consumption resumes through the other two
-    nodes while it is frozen, and nothing is lost or stored twice after SIGCONT."""
-    await _cluster_run(tmp_path, database_url, store, cluster, figures, "pause")
+    """Promise 1 with a node of three lost, the node the worker is connected to, which leads
+    the R3 stream, mid-burst. ``kill``: SIGKILL, started again later; the worker moves to
+    another node of its seed list and the stream elects a leader among the two left.
+    ``pause``: SIGSTOP, the node stops answering but keeps its sockets open (a paused VM, a
+    network that drops packets); consumption resumes through the other two nodes while it is
+    frozen, and nothing is lost or stored twice after SIGCONT."""
+    await _cluster_run(tmp_path, database_url, store, cluster, figures, fault)

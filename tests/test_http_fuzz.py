@@ -66,11 +66,6 @@ def uid_parameter_schema() -> dict[str, object]:
     return schema
 
 
-@pytest.fixture
-def figures(request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]) -> Figures:
-    return Figures(request.node.name, capsys)
-
-
 def _assert_unharmed(worker: Worker) -> int:
     """The worker is up, and every traceback in its log is a request aiohttp's parser refused;
     returns how many of those there were."""
