@@ -27,7 +27,8 @@ from nats.js.api import (
 
 import bridge.consumer
 from bridge.consumer import NatsBridge
-from bridge.jetstream import check_stream, ensure_stream, stream_config
+from bridge.jetstream import DUPLICATE_WINDOW_S, check_stream, ensure_stream, stream_config
+from publisher.stream import ensure_stream as publisher_stream
 from streams.config import Settings
 from streams.envelope import Envelope, Outcome
 from streams.metrics import Metrics
@@ -324,3 +325,26 @@ async def test_replicas_the_server_cannot_give_are_a_refusal_not_a_loop(
     assert "ORDERS_NATS_REPLICAS=3 needs a JetStream cluster" in reason
     with pytest.raises(nats.js.errors.NotFoundError):
         await client.jetstream().stream_info(settings.nats_stream)
+
+
+@pytest.mark.parametrize("maker", ["tests", "publisher"])
+async def test_the_streams_the_tests_and_the_publisher_make_are_the_services(
+    route: Route, client: Client, maker: str
+) -> None:
+    """Promise: the tests run on the stream production runs on, and a stream the publisher
+    creates first is one the service accepts: both are the service's definition, with
+    nothing to refuse or warn about. (The server's default duplicate window is the service's
+    120 s, so streams made without one were alike so far; this keeps them so.)"""
+    settings = route_settings(route)
+    js = client.jetstream()
+    if maker == "tests":
+        await route.send([])
+    else:
+        assert (
+            await publisher_stream(js, route.stream, route.subject, settings.nats_subject) is None
+        )
+    config = (await js.stream_info(route.stream)).config
+    assert (config.duplicate_window, config.storage) == (DUPLICATE_WINDOW_S, StorageType.FILE)
+    assert config.subjects == [settings.nats_subject]
+    check = check_stream(config, settings)
+    assert check.refusals == check.warnings == ()
