@@ -105,7 +105,7 @@ def create_app(settings: Settings) -> OrdersApp:
             await processor.submit(batch)
 
     bridge = NatsBridge(settings, app.submit, app.metrics)
-    app.runtime.add_inflow(bridge.start, bridge.stop)
+    app.runtime.add_inflow(bridge.start, bridge.stop, lambda: bridge.problem)
     install_routes(
         app,
         app.view,

@@ -23,6 +23,7 @@ _RETRY_MAX_S: Final = 5.0
 _STOP_FOLLOWING_S: Final = 5.0
 
 Inflow = Callable[[], Awaitable[None]]
+Problem = Callable[[], str | None]
 T = TypeVar("T")
 
 
@@ -102,11 +103,15 @@ class Runtime(Service):
         self.follower: ViewFollower | None = None
         self.restored = asyncio.Event()
         self._inflows: list[tuple[Inflow, Inflow]] = []
+        self._problems: list[Problem] = []
         self._following: asyncio.Task[None] | None = None
 
-    def add_inflow(self, start: Inflow, stop: Inflow) -> None:
-        """Something that feeds the agent, started once the view is restored."""
+    def add_inflow(self, start: Inflow, stop: Inflow, problem: Problem | None = None) -> None:
+        """Something that feeds the agent, started once the view is restored; ``problem``
+        says why it cannot feed it, if it cannot (readiness reports it)."""
         self._inflows.append((start, stop))
+        if problem is not None:
+            self._problems.append(problem)
 
     async def on_start(self) -> None:
         self._resume_flow()
@@ -152,8 +157,9 @@ class Runtime(Service):
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Whether to take traffic, and the figures that say why: 503 until restored, while
-        the view is more than ``ready_max_lag`` events behind the log, and while the agent's
-        writes fail (it consumes nothing then, whatever the view still serves)."""
+        an inflow refuses its source (the problem given), while the view is more than
+        ``ready_max_lag`` events behind the log, and while the agent's writes fail (it
+        consumes nothing then, whatever the view still serves)."""
         lag = self.follower.lag if self.follower is not None else 0
         detail: dict[str, object] = {
             "orders": len(self.view),
@@ -162,6 +168,10 @@ class Runtime(Service):
         }
         if not self.restored.is_set():
             return False, {"status": "restoring", **detail}
+        for inflow_problem in self._problems if self.settings.consume else ():
+            refused = inflow_problem()
+            if refused is not None:
+                return False, {"status": "refused", "problem": refused, **detail}
         if lag > self.settings.ready_max_lag:
             return False, {"status": "lagging", **detail}
         problem = self.processor.problem if self.processor is not None else None
