@@ -13,7 +13,7 @@ from streams.agent import BatchProcessor
 from streams.config import Settings, redact
 from streams.embedded_postgres import start_embedded_postgres
 from streams.metrics import Metrics
-from streams.store import PostgresEventStore, SchemaError, StoreUnavailable
+from streams.store import PostgresEventStore, SchemaError, SchemaMissing, StoreUnavailable
 from views.follower import ViewFollower
 from views.view import OrdersView
 
@@ -38,20 +38,26 @@ async def resolve_database_url(settings: Settings) -> str:
 
 
 async def until_done(
-    step: Callable[[], Awaitable[T]], what: str, should_stop: Callable[[], bool]
+    step: Callable[[], Awaitable[T]],
+    what: str,
+    should_stop: Callable[[], bool],
+    waits_out: tuple[type[Exception], ...] = (StoreUnavailable,),
 ) -> T | None:
-    """Run ``step`` again after each StoreUnavailable, waiting longer each time, until it
-    succeeds; ``None`` if stopped first. Told once when it starts failing and once when it
-    succeeds after failures."""
+    """Run ``step`` again after each exception of ``waits_out``, waiting longer each time,
+    until it succeeds; ``None`` if stopped first. Told once when it starts failing, now and
+    then while it goes on, and once when it succeeds after failures."""
     delay = 0.5
     tries = 0
     while not should_stop():
         try:
             result = await step()
-        except StoreUnavailable as exc:
+        except waits_out as exc:
             tries += 1
             if tries == 1 or (delay >= _RETRY_MAX_S and tries % 12 == 0):
-                log.warning("%s: database not reachable (try %d), retrying: %s", what, tries, exc)
+                reason = (
+                    "database not reachable" if isinstance(exc, StoreUnavailable) else "waiting"
+                )
+                log.warning("%s: %s, retrying (try %d): %s", what, reason, tries, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_MAX_S)
             continue
@@ -64,14 +70,17 @@ async def until_done(
 async def open_store(
     url: str, should_stop: Callable[[], bool], *, apply_schema: bool = True, writer: bool = True
 ) -> PostgresEventStore | None:
-    """Open the store, waiting for the database as long as it takes; ``None`` if stopped first.
-    A SchemaError is not waited out: it says what the operator must change."""
+    """Open the store, waiting for the database, and for the schema when the service does not
+    apply it (its owner or the first writer may be about to), as long as it takes; ``None`` if
+    stopped first. A schema that is there but unsafe is not waited out: it is raised."""
 
     def opening() -> Awaitable[PostgresEventStore]:
         return PostgresEventStore.open(url, apply_schema=apply_schema, writer=writer)
 
     try:
-        return await until_done(opening, "opening the event store", should_stop)
+        return await until_done(
+            opening, "opening the event store", should_stop, (StoreUnavailable, SchemaMissing)
+        )
     except SchemaError as exc:
         log.error("cannot run on this database: %s", exc)
         raise
