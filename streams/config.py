@@ -72,6 +72,8 @@ class Settings:
     nats_ack_wait_s: JetStream redelivers a message not acked within this time; it must be
         longer than a slow batch commit.
     nats_max_ack_pending: most messages handed out and not yet acked: the bound on in-flight work.
+    nats_replicas: replicas of the stream the service creates (1 on a single server, 3 on a
+        cluster); an existing stream with fewer is warned about.
     log_uids_max: batches up to this size log each stored order_uid; larger ones log a summary.
     log_format: ``text`` (Faust's format) or ``json`` (one object per line).
     consume: ``False`` makes a read replica: it follows the log and serves, never consumes.
@@ -97,6 +99,7 @@ class Settings:
     nats_durable: str = "orders-writer"
     nats_ack_wait_s: float = 30.0
     nats_max_ack_pending: int = 10_000
+    nats_replicas: int = 1
     log_uids_max: int = 10
     log_format: str = "text"
     consume: bool = True
@@ -138,6 +141,7 @@ class Settings:
             nats_max_ack_pending=_int(
                 env, "ORDERS_NATS_MAX_ACK_PENDING", defaults.nats_max_ack_pending, 1, 1_000_000
             ),
+            nats_replicas=_int(env, "ORDERS_NATS_REPLICAS", defaults.nats_replicas, 1, 5),
             log_uids_max=_int(env, "ORDERS_LOG_UIDS_MAX", defaults.log_uids_max, 0, 100_000),
             log_format=_choice(env, "ORDERS_LOG_FORMAT", defaults.log_format, ("text", "json")),
             consume=_bool(env, "ORDERS_CONSUME", defaults.consume),

@@ -47,12 +47,18 @@ from streams.private_files import private_dir, secret, write_private
 # pgserver asks platformdirs for a runtime dir at import; without XDG_RUNTIME_DIR (containers,
 # CI) that warns, and nothing here uses that dir.
 warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-from pgserver._commands import POSTGRES_BIN_PATH  # noqa: E402
-from pgserver.utils import ensure_user_exists  # noqa: E402
+try:
+    from pgserver._commands import POSTGRES_BIN_PATH
+    from pgserver.utils import ensure_user_exists
+except ImportError:  # the "embedded" extra is not installed (the image): a URL is required
+    AVAILABLE = False
+else:
+    AVAILABLE = True
 
 log = logging.getLogger(__name__)
 
 DATABASE: Final = "orders"
+MISSING: Final = "set ORDERS_DATABASE_URL or install orders-stream[embedded]"
 SUPERUSER: Final = "postgres"
 SYSTEM_USER: Final = "pgserver"  # pgserver's choice, kept so that its clusters stay usable
 PORT: Final = 5432  # only names the socket file: there is no TCP listener
@@ -89,6 +95,8 @@ def start_embedded_postgres(data_dir: Path) -> str:
     It stops when the last process using it exits. Blocking: call it from a thread in async
     code.
     """
+    if not AVAILABLE:
+        raise EmbeddedPostgresError(MISSING)
     data_dir = private_dir(data_dir).resolve()
     run_as = _run_as()
     pgdata = data_dir / "postgres"

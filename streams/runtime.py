@@ -13,7 +13,7 @@ from streams.agent import BatchProcessor
 from streams.config import Settings, redact
 from streams.embedded_postgres import start_embedded_postgres
 from streams.metrics import Metrics
-from streams.store import PostgresEventStore, SchemaError, StoreUnavailable
+from streams.store import PostgresEventStore, SchemaError, SchemaMissing, StoreUnavailable
 from views.follower import ViewFollower
 from views.view import OrdersView
 
@@ -23,6 +23,7 @@ _RETRY_MAX_S: Final = 5.0
 _STOP_FOLLOWING_S: Final = 5.0
 
 Inflow = Callable[[], Awaitable[None]]
+Problem = Callable[[], str | None]
 T = TypeVar("T")
 
 
@@ -37,20 +38,26 @@ async def resolve_database_url(settings: Settings) -> str:
 
 
 async def until_done(
-    step: Callable[[], Awaitable[T]], what: str, should_stop: Callable[[], bool]
+    step: Callable[[], Awaitable[T]],
+    what: str,
+    should_stop: Callable[[], bool],
+    waits_out: tuple[type[Exception], ...] = (StoreUnavailable,),
 ) -> T | None:
-    """Run ``step`` again after each StoreUnavailable, waiting longer each time, until it
-    succeeds; ``None`` if stopped first. Told once when it starts failing and once when it
-    succeeds after failures."""
+    """Run ``step`` again after each exception of ``waits_out``, waiting longer each time,
+    until it succeeds; ``None`` if stopped first. Told once when it starts failing, now and
+    then while it goes on, and once when it succeeds after failures."""
     delay = 0.5
     tries = 0
     while not should_stop():
         try:
             result = await step()
-        except StoreUnavailable as exc:
+        except waits_out as exc:
             tries += 1
             if tries == 1 or (delay >= _RETRY_MAX_S and tries % 12 == 0):
-                log.warning("%s: database not reachable (try %d), retrying: %s", what, tries, exc)
+                reason = (
+                    "database not reachable" if isinstance(exc, StoreUnavailable) else "waiting"
+                )
+                log.warning("%s: %s, retrying (try %d): %s", what, reason, tries, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_MAX_S)
             continue
@@ -63,14 +70,17 @@ async def until_done(
 async def open_store(
     url: str, should_stop: Callable[[], bool], *, apply_schema: bool = True, writer: bool = True
 ) -> PostgresEventStore | None:
-    """Open the store, waiting for the database as long as it takes; ``None`` if stopped first.
-    A SchemaError is not waited out: it says what the operator must change."""
+    """Open the store, waiting for the database, and for the schema when the service does not
+    apply it (its owner or the first writer may be about to), as long as it takes; ``None`` if
+    stopped first. A schema that is there but unsafe is not waited out: it is raised."""
 
     def opening() -> Awaitable[PostgresEventStore]:
         return PostgresEventStore.open(url, apply_schema=apply_schema, writer=writer)
 
     try:
-        return await until_done(opening, "opening the event store", should_stop)
+        return await until_done(
+            opening, "opening the event store", should_stop, (StoreUnavailable, SchemaMissing)
+        )
     except SchemaError as exc:
         log.error("cannot run on this database: %s", exc)
         raise
@@ -102,11 +112,15 @@ class Runtime(Service):
         self.follower: ViewFollower | None = None
         self.restored = asyncio.Event()
         self._inflows: list[tuple[Inflow, Inflow]] = []
+        self._problems: list[Problem] = []
         self._following: asyncio.Task[None] | None = None
 
-    def add_inflow(self, start: Inflow, stop: Inflow) -> None:
-        """Something that feeds the agent, started once the view is restored."""
+    def add_inflow(self, start: Inflow, stop: Inflow, problem: Problem | None = None) -> None:
+        """Something that feeds the agent, started once the view is restored; ``problem``
+        says why it cannot feed it, if it cannot (readiness reports it)."""
         self._inflows.append((start, stop))
+        if problem is not None:
+            self._problems.append(problem)
 
     async def on_start(self) -> None:
         self._resume_flow()
@@ -152,8 +166,9 @@ class Runtime(Service):
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Whether to take traffic, and the figures that say why: 503 until restored, while
-        the view is more than ``ready_max_lag`` events behind the log, and while the agent's
-        writes fail (it consumes nothing then, whatever the view still serves)."""
+        an inflow refuses its source (the problem given), while the view is more than
+        ``ready_max_lag`` events behind the log, and while the agent's writes fail (it
+        consumes nothing then, whatever the view still serves)."""
         lag = self.follower.lag if self.follower is not None else 0
         detail: dict[str, object] = {
             "orders": len(self.view),
@@ -162,6 +177,10 @@ class Runtime(Service):
         }
         if not self.restored.is_set():
             return False, {"status": "restoring", **detail}
+        for inflow_problem in self._problems if self.settings.consume else ():
+            refused = inflow_problem()
+            if refused is not None:
+                return False, {"status": "refused", "problem": refused, **detail}
         if lag > self.settings.ready_max_lag:
             return False, {"status": "lagging", **detail}
         problem = self.processor.problem if self.processor is not None else None

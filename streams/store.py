@@ -251,22 +251,24 @@ class PostgresEventStore:
 
     async def _choose_host_again(self) -> None:
         try:
-            pinned = await asyncio.to_thread(pin_host, self._configured_dsn, self._timeout)
-            if pinned == self._dsn:
-                return
-            pool = await _create_pool(pinned, self._maxsize, self._timeout)
-        except (psycopg2.Error, OSError, TimeoutError, StoreUnavailable):
-            return  # no host answers yet: the next failure tries again
+            try:
+                pinned = await asyncio.to_thread(pin_host, self._configured_dsn, self._timeout)
+                if pinned == self._dsn:
+                    return
+                pool = await _create_pool(pinned, self._maxsize, self._timeout)
+            except (psycopg2.Error, OSError, TimeoutError, StoreUnavailable):
+                return  # no host answers yet: the next failure tries again
+            old, self._pool, self._dsn = self._pool, pool, pinned
+            # Connections in use go back to the old pool, which closes them as they come.
+            old.close()
+            await old.wait_closed()
         finally:
             self._moving = None
-        old, self._pool, self._dsn = self._pool, pool, pinned
-        # Connections in use go back to the old pool, which closes them as they come.
-        old.close()
-        await old.wait_closed()
 
     async def check_schema(self, *, writer: bool = True) -> None:
         """Fail clearly when the tables are missing or out of reach of this role: a writer
-        needs SELECT and INSERT on both, a reader SELECT on the log."""
+        needs SELECT and INSERT on the log and INSERT on the dead letters, a reader SELECT on
+        the log."""
         needs = (
             {"orders_events": ("SELECT", "INSERT"), "orders_dead_letters": ("INSERT",)}
             if writer

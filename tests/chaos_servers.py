@@ -245,7 +245,7 @@ async def _publish_until_acked(
         await asyncio.sleep(0.2)
 
 
-async def _retrying(make: Callable[[], Awaitable[None]], seconds: float = 30.0) -> None:
+async def _retrying(make: Callable[[], Awaitable[object]], seconds: float = 30.0) -> None:
     deadline = time.monotonic() + seconds
     while True:
         try:

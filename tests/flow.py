@@ -7,8 +7,8 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import nats
 import orjson
-from nats.js import JetStreamContext
 
+from bridge.jetstream import ensure_stream
 from publisher.generate import OrderFactory
 from publisher.messages import Message
 from publisher.publish import publish
@@ -32,20 +32,14 @@ class Route:
     async def send(self, payloads: Iterable[bytes | Message]) -> None:
         nc = await nats.connect(self.nats_url)
         try:
-            js = nc.jetstream()
-            await self._ensure_stream(js)
+            # The service's own definition, so the tests run on the stream production runs on.
+            await ensure_stream(nc.jetstream(), self.stream, [f"t{self.name}.>"])
             messages = [
                 item if isinstance(item, Message) else Message(item, "invalid") for item in payloads
             ]
             await publish(nc, self.subject, messages)
         finally:
             await nc.close()
-
-    async def _ensure_stream(self, js: JetStreamContext) -> None:
-        try:
-            await js.stream_info(self.stream)
-        except nats.js.errors.NotFoundError:
-            await js.add_stream(name=self.stream, subjects=[f"t{self.name}.>"])
 
     async def ack_floor_and_pending(self) -> tuple[int, int]:
         nc = await nats.connect(self.nats_url)

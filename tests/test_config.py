@@ -35,6 +35,7 @@ def test_every_variable_is_read() -> None:
             "ORDERS_NATS_DURABLE": "d",
             "ORDERS_NATS_ACK_WAIT_S": "12.5",
             "ORDERS_NATS_MAX_ACK_PENDING": "77",
+            "ORDERS_NATS_REPLICAS": "3",
             "ORDERS_LOG_UIDS_MAX": "0",
             "ORDERS_LOG_FORMAT": "JSON",
             "ORDERS_CONSUME": "no",
@@ -59,6 +60,7 @@ def test_every_variable_is_read() -> None:
         nats_durable="d",
         nats_ack_wait_s=12.5,
         nats_max_ack_pending=77,
+        nats_replicas=3,
         log_uids_max=0,
         log_format="json",
         consume=False,
@@ -83,6 +85,7 @@ def test_every_variable_is_read() -> None:
         ("ORDERS_LOG_FORMAT", "xml", "ORDERS_LOG_FORMAT='xml': expected one of text, json"),
         ("ORDERS_CONSUME", "maybe", "ORDERS_CONSUME='maybe': expected true or false"),
         ("ORDERS_EVENT_LOOP", "trio", "expected one of uvloop, asyncio"),
+        ("ORDERS_NATS_REPLICAS", "7", "ORDERS_NATS_REPLICAS=7: expected a number from 1 to 5"),
     ],
 )
 def test_bad_value_names_the_variable(variable: str, value: str, message: str) -> None:

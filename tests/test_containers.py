@@ -681,10 +681,35 @@ async def test_the_worker_starts_from_the_installed_wheel_as_the_image_starts_it
     assert f"view restored: {count} orders from orders_events" in log
 
 
+@pytest.mark.parametrize("unset", ["ORDERS_DATABASE_URL", "ORDERS_NATS_URL"])
+def test_without_the_embedded_extra_an_unset_url_is_one_clear_line(
+    build: Build, tmp_path: Path, unset: str
+) -> None:
+    """The image's venv has no embedded servers (the "embedded" extra): the worker, started
+    as the image starts it with one URL unset, says which to set in one line and exits 2,
+    before it connects to anything (the URLs name no server)."""
+    env, workdir = build.runtime(tmp_path)
+    env.update(
+        ORDERS_DATABASE_URL="postgresql://orders@127.0.0.1:1/orders",
+        ORDERS_NATS_URL="nats://127.0.0.1:1",
+    )
+    env[unset] = ""
+    # The image's PATH: its venv and the system's, not this project's venv (or /usr/sbin),
+    # whose nats-server the embedded server would find.
+    env["PATH"] = os.pathsep.join([str(build.venv / "bin"), "/usr/bin", "/bin"])
+    command = exec_form(build.stages[RUNTIME].last("CMD").text)
+    done = subprocess.run(
+        command, cwd=workdir, env=env, capture_output=True, text=True, timeout=120
+    )
+    expected = f"configuration error: set {unset} or install orders-stream[embedded]"
+    assert (done.returncode, done.stderr.strip()) == (2, expected), done.stdout + done.stderr
+
+
 def test_the_test_stage_installs_the_test_tools(
     build: Build, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    """test-wheels and test: the base stage again in a venv of its own, then the test extra."""
+    """test-wheels and test: the base stage again in a venv of its own, then the test extra,
+    which brings the embedded servers the suite starts."""
     stages = build.stages
     assert stages[TEST_WHEELS].parent == BUILDER and stages[TEST].parent == BASE
     root = tmp_path_factory.mktemp("test-image")
@@ -700,6 +725,15 @@ def test_the_test_stage_installs_the_test_tools(
                 [str(venv / "bin" / tool), "--version"], capture_output=True, text=True, timeout=60
             )
             assert done.returncode == 0, f"{tool}: {done.stdout}{done.stderr}"
+        # The suite starts embedded servers of its own: the test extra brings the embedded one.
+        imported = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import pgserver"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert imported.returncode == 0, imported.stderr
+        assert (venv / "bin" / "nats-server").is_file(), "the test image has no nats-server"
     finally:
         shutil.rmtree(root, ignore_errors=True)
     assert exec_form(stages[TEST].last("CMD").text)[0] == "pytest"

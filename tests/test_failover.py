@@ -62,12 +62,16 @@ async def test_a_writer_follows_the_host_that_becomes_the_writable_one(
     setup.close()
     first, second = _server_of(database_url), _server_of(other_url)
     params = parse_dsn(database_url)
+    # One password for every host: the second server (pgserver's own) trusts local users
+    # and ignores it; the first may ask for it (password auth).
+    login = {"password": params["password"]} if params.get("password") else {}
     hosts = make_dsn(
         dbname=name,
         user=params.get("user", "postgres"),
         host=f"{first[0]},{second[0]}",
         port=f"{first[1]},{second[1]}",
         target_session_attrs="read-write",
+        **login,
     )
     writer = await PostgresEventStore.open(hosts)
     try:

@@ -180,3 +180,18 @@ async def test_without_listen_the_poll_keeps_the_view_following(
         with pytest.raises(asyncio.CancelledError):
             await following
         await standby.close()
+
+
+async def test_own_events_read_back_first_are_served_as_published(
+    store: PostgresEventStore,
+) -> None:
+    """A catch-up may read the worker's own commit from the log (jsonb text) before the agent
+    projects it; the agent's projection then gives the view the bytes as published."""
+    follower = ViewFollower(OrdersView(), store, page_size=100)
+    orders = [Accepted(uid, order_bytes(uid).replace(b",", b", ")) for uid in (new_uid(),)]
+    result = await store.write_batch(orders, [])
+    await follower.catch_up()
+    (uid,) = [order.order_uid for order in orders]
+    assert follower.view[uid] != orders[0].payload, "read back as PostgreSQL gives it"
+    await follower.apply(result)
+    assert follower.view[uid] == orders[0].payload

@@ -265,6 +265,7 @@ async def _cluster_run(
         **route.env(database_url),
         "ORDERS_NATS_URL": cluster.seed_list(first=cluster.node(leader)),
         "ORDERS_NATS_ACK_WAIT_S": ACK_WAIT_S,
+        "ORDERS_NATS_REPLICAS": "3",
     }
     rate = 400.0
     pause_s = 8.0  # > ping_interval (2 s) * ping_max (2): the peers count the node as gone

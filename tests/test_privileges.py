@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,28 +17,37 @@ from tests.flow import Route, event_uids, orders, wait_for_orders
 from tests.worker import Worker
 
 
-def as_role(url: str, role: str) -> str:
+def as_role(url: str, role: str, password: str) -> str:
+    """The same server and database, logged in as ``role`` with ``password``."""
     parts = urlsplit(url)
     host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{role}@{host}"))
+    return urlunsplit(parts._replace(netloc=f"{role}:{password}@{host}"))
 
 
 @pytest.fixture
-def app_role(database_url: str) -> Iterator[str]:
-    """A login role that may SELECT and INSERT on the service's tables, and nothing more."""
+def app_role_url(database_url: str) -> Iterator[str]:
+    """The URL of a login role that may SELECT and INSERT on the service's tables, and nothing
+    more. It has a password of its own: servers that ask for one (scram-sha-256 over TCP, as
+    PostgreSQL's Docker image and the compose file's postgres do) refuse a role without one.
+    The password is hex, so it goes into the URL as it is."""
     role = f"orders_app_{uuid.uuid4().hex[:8]}"
+    password = secrets.token_hex(16)
     conn = psycopg2.connect(database_url)
     conn.autocommit = True
     try:
         with conn.cursor() as cur:
-            cur.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+            cur.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(role), sql.Literal(password)
+                )
+            )
             cur.execute(
                 sql.SQL("GRANT SELECT, INSERT ON orders_events, orders_dead_letters TO {}").format(
                     sql.Identifier(role)
                 )
             )
             cur.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM PUBLIC"))
-        yield role
+        yield as_role(database_url, role, password)
     finally:
         with conn.cursor() as cur:
             cur.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
@@ -46,12 +56,12 @@ def app_role(database_url: str) -> Iterator[str]:
 
 
 async def test_worker_runs_with_select_and_insert_only(
-    tmp_path: Path, database_url: str, store: PostgresEventStore, app_role: str, route: Route
+    tmp_path: Path, store: PostgresEventStore, app_role_url: str, route: Route
 ) -> None:
     """The schema is applied by its owner (here the store fixture); the worker, connected as
     a role with SELECT and INSERT only and told not to apply the schema, stores and serves."""
     batch = orders(50, seed=51)
-    env = {**route.env(as_role(database_url, app_role)), "ORDERS_APPLY_SCHEMA": "false"}
+    env = {**route.env(app_role_url), "ORDERS_APPLY_SCHEMA": "false"}
     with Worker(tmp_path, **env) as worker:
         await worker.wait_ready()
         await route.send([*batch, b"{oops"])
@@ -71,9 +81,11 @@ async def test_worker_runs_with_select_and_insert_only(
     ],
 )
 def test_the_role_cannot_change_or_remove_history(
-    database_url: str, store: PostgresEventStore, app_role: str, statement: str
+    store: PostgresEventStore, app_role_url: str, statement: str
 ) -> None:
-    conn = psycopg2.connect(as_role(database_url, app_role))
+    """Promise 2 (orders_events is append-only) holds in the database itself: the service's
+    role may not update, delete, truncate or drop, whatever a bug in the code would try."""
+    conn = psycopg2.connect(app_role_url)
     try:
         with conn.cursor() as cur, pytest.raises(psycopg2.errors.InsufficientPrivilege):
             cur.execute(statement)

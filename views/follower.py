@@ -86,10 +86,11 @@ class ViewFollower:
                 except StoreUnavailable as exc:
                     log.warning("view behind the log until the database answers: %s", exc)
                     return
+            if result.stored and view.last_seq >= result.stored[0].seq:
+                # A catch-up read these events back from the log first: the view serves them
+                # with the bytes as published all the same.
+                view.refresh(result.stored)
             view.project(result.stored)
-            # A catch-up may have read these events back from the log already; the view
-            # serves the bytes as published.
-            view.refresh(result.stored)
 
     async def follow(self, poll_s: float) -> None:
         """Until cancelled: catch up on every wake-up, and look at the log's head at least
