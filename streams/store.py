@@ -672,7 +672,11 @@ def _close_failed_connections(exc: BaseException) -> bool:
         candidate = trace.tb_frame.f_locals.get("self")
         if isinstance(candidate, aiopg.Connection):
             found = True
-            candidate.close()  # also when psycopg2 counts it closed: aiopg's part is not
+            # One that failed before it had a socket (psycopg2 refused at once) registered
+            # nothing; the others are closed also when psycopg2 counts them closed, since
+            # aiopg's registration is not.
+            if getattr(candidate, "_fileno", None) is not None:
+                candidate.close()
         trace = trace.tb_next
     return found
 
