@@ -16,11 +16,10 @@ import asyncio
 import logging
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import orjson
 import psycopg2
@@ -351,38 +350,19 @@ async def test_a_batch_over_the_timeout_is_split_and_the_rest_goes_on(
         await store.close()
 
 
-@pytest.fixture
-def limited_url(database_url: str, admin: Admin) -> Iterator[tuple[str, str]]:
-    """A login role (with a password, for servers that ask for one) that may SELECT and
-    INSERT on the service's tables; its URL and name."""
-    role = f"orders_limited_{uuid.uuid4().hex[:8]}"
-    password = uuid.uuid4().hex
-    admin.run(
-        sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-            sql.Identifier(role), sql.Literal(password)
-        )
-    )
-    admin.run(
-        sql.SQL("GRANT SELECT, INSERT ON orders_events, orders_dead_letters TO {}").format(
-            sql.Identifier(role)
-        )
-    )
-    parts = urlsplit(database_url)
-    host = parts.netloc.rpartition("@")[2]
-    url = urlunsplit(parts._replace(netloc=f"{role}:{quote(password)}@{host}"))
-    try:
-        yield url, role
-    finally:
-        admin.run(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-        admin.run(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+def role_of(url: str) -> str:
+    """The role a URL logs in as."""
+    role = urlsplit(url).username
+    assert role is not None
+    return role
 
 
 async def test_each_privilege_a_writer_needs_is_checked_at_start(
-    limited_url: tuple[str, str], admin: Admin
+    app_role_url: str, admin: Admin
 ) -> None:
     """Promise 4: a role that may SELECT but not INSERT must not pass the start check (then
     fail every batch); a reader needs SELECT only."""
-    url, role = limited_url
+    url, role = app_role_url, role_of(app_role_url)
     admin.run(sql.SQL("REVOKE INSERT ON orders_events FROM {}").format(sql.Identifier(role)))
     with pytest.raises(SchemaMissing, match="may not INSERT on table orders_events"):
         await PostgresEventStore.open(url, apply_schema=False)
@@ -391,12 +371,12 @@ async def test_each_privilege_a_writer_needs_is_checked_at_start(
 
 
 async def test_permission_denied_is_reported_as_such_and_retried_until_granted(
-    limited_url: tuple[str, str], admin: Admin, caplog: pytest.LogCaptureFixture
+    app_role_url: str, admin: Admin, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Promise 4: a grant taken away while the service runs is not "database unavailable":
     the processor says "permission denied" (for /readyz), logs it once for the episode,
     settles nothing, and goes on once the grant is back."""
-    url, role = limited_url
+    url, role = app_role_url, role_of(app_role_url)
     store = await PostgresEventStore.open(url, apply_schema=False)
     try:
         processor = BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
@@ -590,13 +570,13 @@ def test_a_lost_connection_under_uvloop_is_store_unavailable_and_dropped_from_th
 
 
 async def test_a_worker_whose_writes_are_refused_is_not_ready_and_acks_nothing(
-    tmp_path: Path, limited_url: tuple[str, str], admin: Admin, route: Route
+    tmp_path: Path, app_role_url: str, admin: Admin, route: Route
 ) -> None:
     """Promise 4 end to end: a worker that can no longer INSERT does nothing for ingest, so
     /readyz says 503 "stalled" with the reason (never 200), nothing is acked, unknown uids are
     still a plain 404 (the view is complete), and once the grant is back the order is stored,
     served and acked."""
-    url, role = limited_url
+    url, role = app_role_url, role_of(app_role_url)
     env = {**route.env(url), "ORDERS_APPLY_SCHEMA": "false"}
     with Worker(tmp_path, **env) as worker:
         await worker.wait_ready()

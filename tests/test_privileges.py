@@ -2,57 +2,14 @@
 
 from __future__ import annotations
 
-import secrets
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
-from psycopg2 import sql
 
 from streams.store import PostgresEventStore, SchemaMissing
 from tests.flow import Route, event_uids, orders, wait_for_orders
 from tests.worker import Worker
-
-
-def as_role(url: str, role: str, password: str) -> str:
-    """The same server and database, logged in as ``role`` with ``password``."""
-    parts = urlsplit(url)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{role}:{password}@{host}"))
-
-
-@pytest.fixture
-def app_role_url(database_url: str) -> Iterator[str]:
-    """The URL of a login role that may SELECT and INSERT on the service's tables, and nothing
-    more. It has a password of its own: servers that ask for one (scram-sha-256 over TCP, as
-    PostgreSQL's Docker image and the compose file's postgres do) refuse a role without one.
-    The password is hex, so it goes into the URL as it is."""
-    role = f"orders_app_{uuid.uuid4().hex[:8]}"
-    password = secrets.token_hex(16)
-    conn = psycopg2.connect(database_url)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(
-                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
-                    sql.Identifier(role), sql.Literal(password)
-                )
-            )
-            cur.execute(
-                sql.SQL("GRANT SELECT, INSERT ON orders_events, orders_dead_letters TO {}").format(
-                    sql.Identifier(role)
-                )
-            )
-            cur.execute(sql.SQL("REVOKE CREATE ON SCHEMA public FROM PUBLIC"))
-        yield as_role(database_url, role, password)
-    finally:
-        with conn.cursor() as cur:
-            cur.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
-            cur.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
-        conn.close()
 
 
 async def test_worker_runs_with_select_and_insert_only(
