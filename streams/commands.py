@@ -28,7 +28,10 @@ def install_commands(app: OrdersApp) -> None:
         """Rebuild the view from orders_events and report count, time and rate."""
         settings = app.settings
         url = await resolve_database_url(settings)
-        store = await asyncio.wait_for(open_store(url, lambda: False, writer=False), timeout=60)
+        # A command says at once that the schema is missing rather than wait for it.
+        store = await asyncio.wait_for(
+            open_store(url, lambda: False, writer=False, wait_for_schema=False), timeout=60
+        )
         assert store is not None
         try:
             view = OrdersView()

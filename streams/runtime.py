@@ -68,19 +68,24 @@ async def until_done(
 
 
 async def open_store(
-    url: str, should_stop: Callable[[], bool], *, apply_schema: bool = True, writer: bool = True
+    url: str,
+    should_stop: Callable[[], bool],
+    *,
+    apply_schema: bool = True,
+    writer: bool = True,
+    wait_for_schema: bool = True,
 ) -> PostgresEventStore | None:
-    """Open the store, waiting for the database, and for the schema when the service does not
-    apply it (its owner or the first writer may be about to), as long as it takes; ``None`` if
-    stopped first. A schema that is there but unsafe is not waited out: it is raised."""
+    """Open the store, waiting for the database, and (with ``wait_for_schema``) for the schema
+    when the service does not apply it (its owner or the first writer may be about to), as
+    long as it takes; ``None`` if stopped first. A schema that is there but unsafe is not
+    waited out: it is raised."""
 
     def opening() -> Awaitable[PostgresEventStore]:
         return PostgresEventStore.open(url, apply_schema=apply_schema, writer=writer)
 
+    waits_out = (StoreUnavailable, SchemaMissing) if wait_for_schema else (StoreUnavailable,)
     try:
-        return await until_done(
-            opening, "opening the event store", should_stop, (StoreUnavailable, SchemaMissing)
-        )
+        return await until_done(opening, "opening the event store", should_stop, waits_out)
     except SchemaError as exc:
         log.error("cannot run on this database: %s", exc)
         raise
