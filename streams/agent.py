@@ -9,7 +9,9 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
+from streams.config import COMMITS_IN_FLIGHT
 from streams.envelope import Envelope, Outcome
+from streams.follower import ViewFollower
 from streams.metrics import Metrics, reason_class
 from streams.store import (
     AccessDenied,
@@ -21,7 +23,6 @@ from streams.store import (
     StoreUnavailable,
 )
 from streams.validation import Accepted, Rejected, validate
-from views.follower import ViewFollower
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,6 @@ _FIRST_RETRY_S: Final = 0.1
 _LAST_RETRY_S: Final = 5.0
 _SUMMARY_EVERY_S: Final = 5.0
 _REMIND_EVERY_S: Final = 60.0
-_COMMITS_IN_FLIGHT: Final = 2
 
 # Where a message sits in a batch: (envelope, message) indexes.
 _Position = tuple[int, int]
@@ -63,27 +63,23 @@ class BatchProcessor:
         self._activity = _ActivityLog(log_uids_max)
         self._outage = _Outage()
         self._committing: asyncio.Task[None] | None = None
-        self._room = asyncio.Semaphore(_COMMITS_IN_FLIGHT)
+        self._room = asyncio.Semaphore(COMMITS_IN_FLIGHT)
 
     @property
     def problem(self) -> str | None:
         """Why writes are failing right now, or ``None`` while they succeed."""
         return self._outage.problem
 
-    async def process(self, batch: Sequence[Envelope]) -> None:
-        """Validate, commit, project and settle one batch; return once it is settled."""
-        await self.submit(batch)
-        await self.drain()
-
-    async def submit(self, batch: Sequence[Envelope]) -> None:
+    async def start_commit(self, batch: Sequence[Envelope]) -> None:
         """Validate ``batch``, start its commit, and return without waiting for it.
 
-        Two commits run at once, each on its own connection: PostgreSQL's append lock makes
-        the second wait inside the database and go on the moment the first commits, instead
-        of waiting for this process to come round to it. Batches are applied to the view and
-        settled one at a time, in the order submitted, and each only after its commit. Never
-        raises but for cancellation, and a cancelled submit fails its batch (NATS delivers it
-        again).
+        ``COMMITS_IN_FLIGHT`` commits run at once, each on its own connection: PostgreSQL's
+        append lock makes the second wait inside the database and go on the moment the first
+        commits, instead of waiting for this process to come round to it; a further batch
+        waits here for room. Batches are applied to the view and settled one at a time, in the
+        order started, and each only after its commit: ``Envelope.settled`` says when. Never
+        raises but for cancellation, and a batch cancelled while it waits for room is failed
+        (NATS delivers it again).
         """
         started = time.perf_counter()
         orders, rejects = _validate(batch)
@@ -97,12 +93,6 @@ class BatchProcessor:
             self._commit_staged(batch, orders, rejects, started, self._committing),
             name="orders-commit",
         )
-
-    async def drain(self) -> None:
-        """Wait until the batch last submitted is settled. Cancelling the wait does not
-        cancel the commit."""
-        if self._committing is not None:
-            await asyncio.shield(self._committing)
 
     async def _commit_staged(
         self,

@@ -7,6 +7,7 @@ and tables; orders reach the agent through an in-memory channel fed by the NATS 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 from collections.abc import Iterable
@@ -16,12 +17,14 @@ import uvloop
 from faust.app.base import BootStrategy
 from mode import ServiceT
 
-from bridge.consumer import NatsBridge
 from bridge.embedded_nats import EmbeddedNatsError, server_binary
+from bridge.nats_bridge import NatsBridge
 from streams import embedded_postgres
+from streams.agent import BatchProcessor
 from streams.commands import install_commands
-from streams.config import ConfigError, Settings
+from streams.config import ENVELOPES_PER_COMMIT, POOL_SIZE, ConfigError, Settings
 from streams.envelope import Envelope
+from streams.follower import ViewFollower
 from streams.logs import (
     logging_config,
     quiet_http_parser_refusals,
@@ -30,6 +33,8 @@ from streams.logs import (
 from streams.metrics import Metrics
 from streams.monitor import LeanMonitor
 from streams.runtime import Runtime
+from streams.store import PostgresEventStore
+from streams.validation import is_valid_uid
 from streams.web_driver import Web
 from views.view import OrdersView
 from views.web import install_routes
@@ -46,15 +51,18 @@ class KafkaFreeBoot(BootStrategy):
 
 
 class OrdersApp(faust.App):
-    """The orders service: channel, agent, view, web views and the runtime that wires them."""
+    """The orders service as a Faust app: the channel the bridge feeds and the agent reads.
+
+    Built only by :func:`create_app`, which hands it the runtime that opens everything else.
+    """
 
     BootStrategy = KafkaFreeBoot
+    runtime: Runtime
 
-    def __init__(self, settings: Settings) -> None:
-        metrics = Metrics()
+    def __init__(self, settings: Settings, monitor: LeanMonitor) -> None:
         super().__init__(
             "orders",
-            monitor=LeanMonitor(metrics.http if settings.http_metrics else None),
+            monitor=monitor,
             web_host=settings.web_host,
             web_bind=settings.web_host,
             web_port=settings.web_port,
@@ -63,11 +71,7 @@ class OrdersApp(faust.App):
             logging_config=logging_config(settings.log_format),
         )
         self.settings = settings
-        self.metrics = metrics
-        self.view = OrdersView()
-        metrics.watch_view(self.view.__len__, lambda: self.view.last_seq)
         self.orders_channel: faust.ChannelT[Envelope] = self.channel()
-        self.runtime = Runtime(settings, self.view, metrics, self.flow_control.resume)
 
     async def on_first_start(self) -> None:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -81,41 +85,57 @@ class OrdersApp(faust.App):
         # The runtime goes last so it starts after the web server and the agent and stops first.
         return [*super().on_init_dependencies(), self.runtime]
 
-    async def submit(self, envelope: Envelope) -> None:
-        """Hand one message to the agent (the bridge's and the tests' way in)."""
+    async def send_to_agent(self, envelope: Envelope) -> None:
+        """Hand one fetch's messages to the agent (the bridge's and the tests' way in)."""
         await self.orders_channel.send(value=envelope)
 
 
-# Each envelope holds one fetch (up to ORDERS_BATCH_SIZE messages); the agent commits the
-# envelopes that queued up while it was busy together, a few at most.
-_ENVELOPES_PER_BATCH = 4
-
-
 def create_app(settings: Settings) -> OrdersApp:
-    """Build the app with its agent, web views and commands."""
-    app = OrdersApp(settings)
+    """Build the service: the one place where its objects are made and wired.
+
+    Nothing here connects or starts anything; the runtime does, in order, when Faust starts
+    the app. The store is built unconnected, with the pool size the limits in streams/config.py
+    call for; a read replica's store is a reader.
+    """
     quiet_http_parser_refusals()
     quiet_statement_timeout_reports()
+    metrics = Metrics()
+    http = metrics.http if settings.http_metrics else None
+    app = OrdersApp(settings, LeanMonitor(http))
+    view = OrdersView()
+    metrics.watch_view(view.__len__, lambda: view.last_seq)
+    store = PostgresEventStore(
+        apply_schema=settings.apply_schema, writer=settings.consume, maxsize=POOL_SIZE
+    )
+    follower = ViewFollower(view, store, settings.replay_page_size)
+    processor = BatchProcessor(store, follower, log_uids_max=settings.log_uids_max, metrics=metrics)
+    bridge = NatsBridge(settings, app.send_to_agent, metrics)
+    app.runtime = Runtime(
+        settings,
+        store=store,
+        follower=follower,
+        processor=processor,
+        inflow=bridge,
+        metrics=metrics,
+        resume_flow=app.flow_control.resume,
+    )
     within = settings.batch_max_wait_ms / 1000
 
     @app.agent(app.orders_channel, name="orders-ingest")
     async def ingest(stream: faust.StreamT[Envelope]) -> None:
         # Messages only arrive once the runtime has restored the view and started the bridge.
-        async for batch in stream.take(_ENVELOPES_PER_BATCH, within=within):
-            processor = app.runtime.processor
-            assert processor is not None, "the inflow starts only after the processor exists"
-            await processor.submit(batch)
+        async for envelopes in stream.take(ENVELOPES_PER_COMMIT, within=within):
+            await processor.start_commit(envelopes)
 
-    bridge = NatsBridge(settings, app.submit, app.metrics)
-    app.runtime.add_inflow(bridge.start, bridge.stop, lambda: bridge.problem)
     install_routes(
         app,
-        app.view,
-        app.runtime.readiness,
-        app.metrics.registry,
-        app.metrics.http if settings.http_metrics else None,
+        view,
+        readiness=app.runtime.readiness,
+        registry=metrics.registry,
+        is_valid_uid=is_valid_uid,
+        http=http,
     )
-    install_commands(app)
+    install_commands(app, app.runtime)
     return app
 
 
@@ -131,7 +151,9 @@ def _require_embedded_servers(settings: Settings) -> None:
             raise ConfigError(str(exc)) from None
 
 
-def _app_from_environment() -> OrdersApp:
+def app_from_environment() -> OrdersApp:
+    """The app as ``faust -A streams.app`` runs it: settings from the environment, a
+    configuration error reported in one line (exit status 2), the event loop chosen."""
     try:
         settings = Settings.from_env()
         _require_embedded_servers(settings)
@@ -144,4 +166,15 @@ def _app_from_environment() -> OrdersApp:
     return create_app(settings)
 
 
-app = _app_from_environment()
+@functools.cache
+def _the_app() -> OrdersApp:
+    return app_from_environment()
+
+
+def __getattr__(name: str) -> OrdersApp:
+    # ``faust -A streams.app`` reads the module's ``app``: it is built on that first read, so
+    # importing this module (tests, tools, type checkers) reads no environment and builds
+    # nothing that can fail.
+    if name == "app":
+        return _the_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from typing import TYPE_CHECKING
 
+import faust
 from faust.cli import AppCommand, option
+from tqdm import tqdm  # type: ignore[import-untyped]
 
-from streams.runtime import open_store, resolve_database_url
+from streams.runtime import Runtime
 from streams.validation import Rejected, validate
-from views.view import OrdersView, restore
 
-if TYPE_CHECKING:
-    from streams.app import OrdersApp
+_INVALID_SHOWN = 50
 
 
-def install_commands(app: OrdersApp) -> None:
-    """Register the app's commands."""
+def install_commands(app: faust.App, runtime: Runtime) -> None:
+    """Register the app's commands; they run on the parts ``runtime`` holds."""
 
     @app.command(
         option(
@@ -26,50 +24,25 @@ def install_commands(app: OrdersApp) -> None:
     )
     async def replay(self: AppCommand, verify: bool) -> None:
         """Rebuild the view from orders_events and report count, time and rate."""
-        settings = app.settings
-        url = await resolve_database_url(settings)
-        # A command says at once that the schema is missing rather than wait for it.
-        store = await asyncio.wait_for(
-            open_store(url, lambda: False, writer=False, wait_for_schema=False), timeout=60
+        # A running count on a terminal only; the summary line below is the record.
+        with tqdm(
+            desc="replaying", unit=" events", disable=not sys.stderr.isatty(), leave=False
+        ) as progress:
+            stats = await runtime.replay(progress.update)
+        view = runtime.view
+        self.say(
+            f"replayed {stats.events} events into {len(view)} orders "
+            f"(last seq {stats.last_seq}) in {stats.seconds:.2f} s "
+            f"({stats.rate:,.0f} events/s)"
         )
-        assert store is not None
-        try:
-            view = OrdersView()
-            progress = _progress(enabled=sys.stderr.isatty())
-            stats = await restore(view, store, settings.replay_page_size, progress)
-            if progress is not None:
-                progress(0)
-                print(file=sys.stderr)
-            self.say(
-                f"replayed {stats.events} events into {len(view)} orders "
-                f"(last seq {stats.last_seq}) in {stats.seconds:.2f} s "
-                f"({stats.rate:,.0f} events/s)"
-            )
-            if verify:
-                failures = [
-                    (uid, verdict.reason)
-                    for uid, payload in view.items()
-                    if isinstance(verdict := validate(payload), Rejected)
-                ]
-                for uid, reason in failures[:50]:
-                    self.say(f"invalid stored order {uid}: {reason}")
-                self.say(f"verified {len(view)} stored orders: {len(failures)} invalid")
-                if failures:
-                    raise SystemExit(1)
-        finally:
-            await store.close()
-
-
-def _progress(*, enabled: bool) -> _Counter | None:
-    return _Counter() if enabled else None
-
-
-class _Counter:
-    """A one-line running count on a terminal; the replay prints its summary after it."""
-
-    def __init__(self) -> None:
-        self.total = 0
-
-    def __call__(self, added: int) -> None:
-        self.total += added
-        print(f"\rreplaying… {self.total:,} events", end="", file=sys.stderr, flush=True)
+        if verify:
+            failures = [
+                (uid, verdict.reason)
+                for uid, payload in view.items()
+                if isinstance(verdict := validate(payload), Rejected)
+            ]
+            for uid, reason in failures[:_INVALID_SHOWN]:
+                self.say(f"invalid stored order {uid}: {reason}")
+            self.say(f"verified {len(view)} stored orders: {len(failures)} invalid")
+            if failures:
+                raise SystemExit(1)

@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Final, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import psycopg2
@@ -53,6 +53,27 @@ _NATS_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _NATS_SUBJECT = re.compile(r"^[A-Za-z0-9_*>-]+(\.[A-Za-z0-9_*>-]+)*$")
 
 
+# Sizes and concurrency limits: one block, because each bounds the next. Only the batch size
+# is a setting (Settings.batch_size); these follow from how the parts overlap their work.
+#
+# The bridge keeps this many NATS fetches (each up to batch_size messages, one envelope) out at
+# once: in the agent's queue or waiting for their commit. Every one of them is unacked, so
+# nats_max_ack_pending should be at least FETCHES_IN_FLIGHT * batch_size to keep them all busy.
+FETCHES_IN_FLIGHT: Final = 4
+# The agent puts the envelopes that queued up while it was busy into one commit, up to this
+# many: a commit holds at most ENVELOPES_PER_COMMIT * batch_size messages.
+ENVELOPES_PER_COMMIT: Final = 4
+# Transactions the agent runs at once, each on its own connection: the second waits on the
+# append lock inside PostgreSQL and goes on the moment the first commits.
+COMMITS_IN_FLIGHT: Final = 2
+# A catch-up of the view reads one page on one connection while it asks for the next on a
+# second (streams/store.py, read_pages).
+CATCH_UP_CONNECTIONS: Final = 2
+# The store's pool: commits and a catch-up never wait for each other's connections. (A head
+# check of the follower may wait a moment for one; LISTEN has a connection of its own.)
+POOL_SIZE: Final = COMMITS_IN_FLIGHT + CATCH_UP_CONNECTIONS
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Every knob of the service. Each field is read from ``ORDERS_<FIELD>``.
@@ -64,7 +85,8 @@ class Settings:
     web_host / web_port: where the HTTP server listens.
     data_dir: embedded servers' data, Faust's own data dir and the files that let the
         publisher find an embedded NATS server.
-    batch_size: most messages the agent takes, and the bridge fetches, at once.
+    batch_size: most messages a NATS fetch brings in; a commit takes up to
+        ``ENVELOPES_PER_COMMIT`` fetches (see the limits above).
     batch_max_wait_ms: how long the agent waits to fill a batch before it writes what it has.
     replay_page_size: rows per keyset page when the view is rebuilt from the log.
     nats_stream / nats_subject / nats_durable: JetStream stream, its subject filter and the

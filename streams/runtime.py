@@ -5,25 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Final, TypeVar
+from typing import Final, Protocol, TypeVar
 
 from mode import Service
 
 from streams.agent import BatchProcessor
 from streams.config import Settings, redact
 from streams.embedded_postgres import start_embedded_postgres
+from streams.follower import RestoreStats, ViewFollower
 from streams.metrics import Metrics
 from streams.store import PostgresEventStore, SchemaError, SchemaMissing, StoreUnavailable
-from views.follower import ViewFollower
-from views.view import OrdersView
 
 log = logging.getLogger(__name__)
 
 _RETRY_MAX_S: Final = 5.0
 _STOP_FOLLOWING_S: Final = 5.0
+_COMMAND_CONNECT_S: Final = 60.0
 
-Inflow = Callable[[], Awaitable[None]]
-Problem = Callable[[], str | None]
 T = TypeVar("T")
 
 
@@ -67,65 +65,76 @@ async def until_done(
     return None
 
 
-async def open_store(
+async def connect_store(
+    store: PostgresEventStore,
     url: str,
     should_stop: Callable[[], bool],
     *,
-    apply_schema: bool = True,
-    writer: bool = True,
+    reader: bool = False,
     wait_for_schema: bool = True,
-) -> PostgresEventStore | None:
-    """Open the store, waiting for the database, and (with ``wait_for_schema``) for the schema
-    when the service does not apply it (its owner or the first writer may be about to), as
-    long as it takes; ``None`` if stopped first. A schema that is there but unsafe is not
-    waited out: it is raised."""
+) -> bool:
+    """Connect the store, waiting for the database, and (with ``wait_for_schema``) for the
+    schema when the service does not apply it (its owner or the first writer may be about
+    to), as long as it takes; ``False`` if stopped first. A schema that is there but unsafe is
+    not waited out: it is raised."""
 
-    def opening() -> Awaitable[PostgresEventStore]:
-        return PostgresEventStore.open(url, apply_schema=apply_schema, writer=writer)
+    async def connecting() -> bool:
+        await store.connect(url, reader=reader)
+        return True
 
     waits_out = (StoreUnavailable, SchemaMissing) if wait_for_schema else (StoreUnavailable,)
     try:
-        return await until_done(opening, "opening the event store", should_stop, waits_out)
+        connected = await until_done(connecting, "opening the event store", should_stop, waits_out)
     except SchemaError as exc:
         log.error("cannot run on this database: %s", exc)
         raise
+    return connected is not None
+
+
+class Inflow(Protocol):
+    """Something that feeds the agent (the NATS bridge), started once the view is restored."""
+
+    @property
+    def problem(self) -> str | None:
+        """Why it cannot feed the agent right now, if it cannot (readiness reports it)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class Runtime(Service):
-    """Starts after the web server and the agent, and stops before them.
+    """Opens, sequences and closes what :func:`streams.app.create_app` built. Starts after the
+    web server and the agent, and stops before them.
 
-    Start: resume the app's flow control (once: it also clears the channel queues), open the
-    store, replay the log into the view, mark the service ready, follow the log, then start
-    the inflow (unless ``consume`` is off: a read replica). Stop: the inflow first, so the
-    batch in hand is committed and acked before the store closes.
+    Start: resume the app's flow control (once: it also clears the channel queues), connect
+    the store, replay the log into the view, mark the service ready, follow the log, then
+    start the inflow (unless ``consume`` is off: a read replica). Stop: the inflow first, so
+    the batch in hand is committed and acked before the store closes.
     """
 
     def __init__(
         self,
         settings: Settings,
-        view: OrdersView,
+        *,
+        store: PostgresEventStore,
+        follower: ViewFollower,
+        processor: BatchProcessor,
+        inflow: Inflow,
         metrics: Metrics,
         resume_flow: Callable[[], None],
     ) -> None:
         super().__init__()
         self.settings = settings
-        self.view = view
+        self.store = store
+        self.follower = follower
+        self.processor = processor
+        self.inflow = inflow
+        self.view = follower.view
         self.metrics = metrics
         self._resume_flow = resume_flow
-        self.store: PostgresEventStore | None = None
-        self.processor: BatchProcessor | None = None
-        self.follower: ViewFollower | None = None
         self.restored = asyncio.Event()
-        self._inflows: list[tuple[Inflow, Inflow]] = []
-        self._problems: list[Problem] = []
         self._following: asyncio.Task[None] | None = None
-
-    def add_inflow(self, start: Inflow, stop: Inflow, problem: Problem | None = None) -> None:
-        """Something that feeds the agent, started once the view is restored; ``problem``
-        says why it cannot feed it, if it cannot (readiness reports it)."""
-        self._inflows.append((start, stop))
-        if problem is not None:
-            self._problems.append(problem)
 
     async def on_start(self) -> None:
         self._resume_flow()
@@ -134,20 +143,8 @@ class Runtime(Service):
         def stopping() -> bool:
             return self.should_stop
 
-        # A read replica (no consumption) never changes the schema and needs SELECT only, so
-        # that it can run on a hot standby with a read-only role.
-        self.store = await open_store(
-            url, stopping, apply_schema=self.settings.apply_schema, writer=self.settings.consume
-        )
-        if self.store is None:
+        if not await connect_store(self.store, url, stopping):
             return
-        self.follower = ViewFollower(self.view, self.store, self.settings.replay_page_size)
-        self.processor = BatchProcessor(
-            self.store,
-            self.follower,
-            log_uids_max=self.settings.log_uids_max,
-            metrics=self.metrics,
-        )
         stats = await until_done(self.follower.catch_up, "restoring the view", stopping)
         if stats is None:
             return
@@ -166,15 +163,27 @@ class Runtime(Service):
         if not self.settings.consume:
             log.info("consumption off (ORDERS_CONSUME=false): following the log and serving reads")
             return
-        for start, _ in self._inflows:
-            await start()
+        await self.inflow.start()
+
+    async def replay(self, on_page: Callable[[int], None] | None = None) -> RestoreStats:
+        """The ``replay`` command: connect as a reader, rebuild the view from the log once,
+        close. A missing schema is reported at once rather than waited for."""
+        url = await resolve_database_url(self.settings)
+        connecting = connect_store(
+            self.store, url, lambda: False, reader=True, wait_for_schema=False
+        )
+        await asyncio.wait_for(connecting, timeout=_COMMAND_CONNECT_S)
+        try:
+            return await self.follower.catch_up(on_page)
+        finally:
+            await self.store.close()
 
     def readiness(self) -> tuple[bool, dict[str, object]]:
         """Whether to take traffic, and the figures that say why: 503 until restored, while
-        an inflow refuses its source (the problem given), while the view is more than
+        the inflow refuses its source (the problem given), while the view is more than
         ``ready_max_lag`` events behind the log, and while the agent's writes fail (it
         consumes nothing then, whatever the view still serves)."""
-        lag = self.follower.lag if self.follower is not None else 0
+        lag = self.follower.lag
         detail: dict[str, object] = {
             "orders": len(self.view),
             "last_seq": self.view.last_seq,
@@ -182,26 +191,22 @@ class Runtime(Service):
         }
         if not self.restored.is_set():
             return False, {"status": "restoring", **detail}
-        for inflow_problem in self._problems if self.settings.consume else ():
-            refused = inflow_problem()
-            if refused is not None:
-                return False, {"status": "refused", "problem": refused, **detail}
+        refused = self.inflow.problem if self.settings.consume else None
+        if refused is not None:
+            return False, {"status": "refused", "problem": refused, **detail}
         if lag > self.settings.ready_max_lag:
             return False, {"status": "lagging", **detail}
-        problem = self.processor.problem if self.processor is not None else None
+        problem = self.processor.problem
         if problem is not None:
             return False, {"status": "stalled", "problem": problem, **detail}
         return True, {"status": "ready", **detail}
 
     async def on_stop(self) -> None:
         if self.settings.consume:
-            for _, stop in reversed(self._inflows):
-                await stop()
+            await self.inflow.stop()
         if self._following is not None:
             self._following.cancel()
             _, pending = await asyncio.wait([self._following], timeout=_STOP_FOLLOWING_S)
             if pending:
                 log.warning("the log follower did not stop within %.0f s", _STOP_FOLLOWING_S)
-        if self.store is not None:
-            await self.store.close()
-            self.store = None
+        await self.store.close()

@@ -19,6 +19,7 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 
+from streams.config import POOL_SIZE
 from streams.pg_hosts import is_multi_host, pin_host
 from streams.validation import Accepted
 
@@ -175,19 +176,25 @@ class PostgresEventStore:
 
     def __init__(
         self,
-        pool: aiopg.Pool,
-        dsn: str,
-        timeout: float = 10.0,
         *,
-        configured_dsn: str | None = None,
-        maxsize: int = 4,
+        apply_schema: bool = True,
+        writer: bool = True,
+        maxsize: int = POOL_SIZE,
+        timeout: float = 10.0,
     ) -> None:
-        self._pool = pool
-        self._dsn = dsn  # the one host aiopg connects to
-        # As configured: a list of hosts is chosen from again when the chosen one fails.
-        self._configured_dsn = configured_dsn or dsn
+        """A store not yet connected: :meth:`connect` opens it.
+
+        ``timeout`` bounds each statement of a write on the server (and connecting). A store
+        that is no ``writer`` (a read replica) never applies the schema and needs SELECT only;
+        a writer with ``apply_schema=False`` checks that the schema is there."""
+        self._apply_schema = apply_schema
+        self._writer = writer
         self._maxsize = maxsize
         self._timeout = timeout
+        self._pool: aiopg.Pool | None = None
+        self._dsn = ""  # the one host aiopg connects to
+        # As configured: a list of hosts is chosen from again when the chosen one fails.
+        self._configured_dsn = ""
         self._moving: asyncio.Task[None] | None = None
         self._moved_at = 0.0
         # Names this store's commits in its notifications ("<seq> <writer>"), so that its own
@@ -201,39 +208,44 @@ class PostgresEventStore:
         *,
         apply_schema: bool = True,
         writer: bool = True,
-        maxsize: int = 4,
+        maxsize: int = POOL_SIZE,
         timeout: float = 10.0,
     ) -> PostgresEventStore:
-        """Connect, apply the schema (or, with ``apply_schema=False``, check that it is there),
-        check what the log's order rests on, and return the store.
-
-        ``timeout`` bounds each statement of a write on the server (and connecting). A store
-        that is no ``writer`` (a read replica) never applies the schema and needs SELECT only.
-        Raises StoreUnavailable, or a SchemaError."""
-        try:
-            pinned = await asyncio.to_thread(pin_host, dsn, timeout)  # aiopg follows one host
-            pool = await _create_pool(pinned, maxsize, timeout)
-        except (psycopg2.Error, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
-        store = cls(pool, pinned, timeout, configured_dsn=dsn, maxsize=maxsize)
-        try:
-            if apply_schema and writer:
-                await store.apply_schema()
-            else:
-                await store.check_schema(writer=writer)
-            await store.check_sequence()
-        except BaseException:
-            await store.close()
-            raise
+        """A store connected to ``dsn`` (see :meth:`connect`)."""
+        store = cls(apply_schema=apply_schema, writer=writer, maxsize=maxsize, timeout=timeout)
+        await store.connect(dsn)
         return store
 
+    async def connect(self, dsn: str, *, reader: bool = False) -> None:
+        """Connect, apply the schema (or check that it is there), and check what the log's
+        order rests on. ``reader`` opens a writer's store as a reader, for a command that only
+        reads. Raises StoreUnavailable, or a SchemaError; on failure nothing stays open."""
+        try:
+            pinned = await asyncio.to_thread(pin_host, dsn, self._timeout)  # aiopg: one host
+            pool = await _create_pool(pinned, self._maxsize, self._timeout)
+        except (psycopg2.Error, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}".strip()) from exc
+        self._pool, self._dsn, self._configured_dsn = pool, pinned, dsn
+        writer = self._writer and not reader
+        try:
+            if self._apply_schema and writer:
+                await self.apply_schema()
+            else:
+                await self.check_schema(writer=writer)
+            await self.check_sequence()
+        except BaseException:
+            await self.close()
+            raise
+
     async def close(self) -> None:
-        """Close every connection of the pool."""
+        """Close every connection of the pool (nothing to do when not connected)."""
         if self._moving is not None:
             self._moving.cancel()
             await asyncio.gather(self._moving, return_exceptions=True)
-        self._pool.close()
-        await self._pool.wait_closed()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+            await pool.wait_closed()
 
     def _connection_failed(self) -> None:
         """A connection to the chosen host failed: with a list of hosts, have libpq choose
@@ -260,8 +272,9 @@ class PostgresEventStore:
                 return  # no host answers yet: the next failure tries again
             old, self._pool, self._dsn = self._pool, pool, pinned
             # Connections in use go back to the old pool, which closes them as they come.
-            old.close()
-            await old.wait_closed()
+            if old is not None:
+                old.close()
+                await old.wait_closed()
         finally:
             self._moving = None
 
@@ -431,6 +444,7 @@ class PostgresEventStore:
 
     async def listen(self) -> Listener:
         """A connection of its own that hears each commit of new events."""
+        self._connected_pool()  # not connected: StoreUnavailable, like a database away
         try:
             conn = await aiopg.connect(
                 self._dsn, enable_json=False, enable_hstore=False, enable_uuid=False
@@ -456,10 +470,15 @@ class PostgresEventStore:
             return list(await cur.fetchall())
 
     def _cursor(self) -> _Cursor:
-        return _Cursor(self._pool, None, self._connection_failed)
+        return _Cursor(self._connected_pool(), None, self._connection_failed)
 
     def _transaction(self) -> _Cursor:
-        return _Cursor(self._pool, self._timeout, self._connection_failed)
+        return _Cursor(self._connected_pool(), self._timeout, self._connection_failed)
+
+    def _connected_pool(self) -> aiopg.Pool:
+        if self._pool is None:
+            raise StoreUnavailable("the event store is not connected")
+        return self._pool
 
 
 class Listener:

@@ -1,8 +1,10 @@
 """Which messages are orders: the order's shape declared once, and readable reasons for the rest.
 
 The shape follows ``publisher/model.json``. msgspec checks it while decoding, so a message is
-parsed once and never re-serialised: the stored payload is the bytes as received. Fields the
-shape does not name are allowed and kept, because the payload is stored as received.
+parsed once and never re-serialised: the agent hands the bytes as received to the store, which
+keeps their JSON value (a ``jsonb`` column: the same value, PostgreSQL's own spacing and key
+order), and to the view of the worker that stored them. Fields the shape does not name are
+allowed and kept, as the value is stored whole.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import msgspec
 MAX_MESSAGE_BYTES: Final = 1024 * 1024
 # \A and \Z, not ^ and $: "$" also matches before a final newline, and "abc\n" is no uid.
 UID_PATTERN: Final = r"\A[A-Za-z0-9_-]{1,64}\Z"
+
+_UID: Final = re.compile(UID_PATTERN)
 
 Uid = Annotated[str, msgspec.Meta(pattern=UID_PATTERN)]
 Amount = Annotated[int, msgspec.Meta(ge=0)]
@@ -150,3 +154,8 @@ def _explain(message: str) -> str:
         return f"{path}: expected at least one entry"
     readable = _QUOTED.sub(lambda name: _TYPE_NAMES.get(name[1], name[1]), text)
     return f"{path}: {readable[:1].lower()}{readable[1:]}"
+
+
+def is_valid_uid(uid: str) -> bool:
+    """Whether ``uid`` may be an order_uid at all (the HTTP route answers 400 when not)."""
+    return _UID.match(uid) is not None

@@ -9,10 +9,10 @@ import orjson
 
 from streams.agent import BatchProcessor
 from streams.envelope import Envelope, Outcome
+from streams.follower import ViewFollower
 from streams.store import PostgresEventStore
 from tests.database import DatabaseSwitch
 from tests.orders import new_uid, order_bytes
-from views.follower import ViewFollower
 from views.view import OrdersView
 
 
@@ -23,6 +23,21 @@ def envelopes(*raws: bytes) -> list[Envelope]:
         return Envelope(raws[start : start + 2], lambda index: f"test:{start + index}")
 
     return [sourced(start) for start in range(0, len(raws), 2)]
+
+
+async def settled(batch: list[Envelope]) -> list[Outcome]:
+    """Wait until every message of ``batch`` is settled; their outcomes in order."""
+    return [
+        outcome
+        for outcomes in await asyncio.gather(*(e.settled for e in batch))
+        for outcome in outcomes
+    ]
+
+
+async def process(processor: BatchProcessor, batch: list[Envelope]) -> list[Outcome]:
+    """Start the batch's commit and wait until it is settled, as the bridge does."""
+    await processor.start_commit(batch)
+    return await settled(batch)
 
 
 def outcomes(batch: list[Envelope]) -> list[Outcome | None]:
@@ -45,7 +60,7 @@ async def test_mixed_batch_settles_each_message_by_what_happened(store: Postgres
     known, fresh = new_uid(), new_uid()
     view = OrdersView()
     processor = BatchProcessor(store, ViewFollower(view, store, page_size=100))
-    await processor.process(envelopes(order_bytes(known)))
+    await process(processor, envelopes(order_bytes(known)))
 
     batch = envelopes(
         order_bytes(fresh),
@@ -54,7 +69,7 @@ async def test_mixed_batch_settles_each_message_by_what_happened(store: Postgres
         order_bytes(fresh),  # twice in this batch
         orjson.dumps({"order_uid": "x"}),
     )
-    await processor.process(batch)
+    await process(processor, batch)
 
     assert outcomes(batch) == [
         Outcome.STORED,
@@ -74,7 +89,7 @@ async def test_mixed_batch_settles_each_message_by_what_happened(store: Postgres
 async def test_view_holds_only_what_the_log_holds(store: PostgresEventStore) -> None:
     processor = BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
     batch = envelopes(*(order_bytes(new_uid()) for _ in range(50)), b"[]", b"null")
-    await processor.process(batch)
+    await process(processor, batch)
     log = {event.order_uid: event.seq for event in await store.read_events(0, 1000)}
     assert set(processor.view) == set(log)
     assert processor.view.last_seq == max(log.values())
@@ -90,7 +105,7 @@ async def test_payload_the_database_refuses_is_dead_lettered_alone(
     bad = order_bytes(poison).replace(b'"locale"', b'"x":1e999999,"locale"')
     batch = envelopes(order_bytes(good), bad)
     processor = BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
-    await processor.process(batch)
+    await process(processor, batch)
     assert outcomes(batch) == [Outcome.STORED, Outcome.REJECTED]
     assert set(processor.view) == {good}
     ((source, reason),) = await dead_letters(store)
@@ -104,10 +119,10 @@ async def test_database_outage_mid_run_acks_nothing_until_committed(
     """With the database gone, nothing is settled (so nothing is acked) and the agent keeps
     retrying; when it is back, the same batch commits and every message settles."""
     processor = BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
-    await processor.process(envelopes(order_bytes(new_uid())))  # the pool holds a live connection
+    await process(processor, envelopes(order_bytes(new_uid())))  # the pool holds a live connection
     database_switch.refuse()
     batch = envelopes(order_bytes(new_uid()), order_bytes(new_uid()), b"{oops")
-    task = asyncio.create_task(processor.process(batch))
+    task = asyncio.create_task(process(processor, batch))
     await asyncio.sleep(1.5)
     assert not task.done()
     assert outcomes(batch) == [None, None, None], "nothing settled while the database is away"
@@ -125,29 +140,29 @@ async def test_two_batches_commit_at_once_and_settle_in_order(
     waits for room. Nothing is settled before its commit, batches settle in the order
     submitted, and the view ends equal to the log."""
     processor = BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
-    await processor.process(envelopes(order_bytes(new_uid())))  # the pool holds a live connection
+    await process(processor, envelopes(order_bytes(new_uid())))  # the pool holds a live connection
     uids = [[new_uid(), new_uid()] for _ in range(3)]
     batches = [envelopes(*(order_bytes(uid) for uid in pair)) for pair in uids]
-    settled: list[int] = []
+    settle_order: list[int] = []
 
     def note(number: int) -> Callable[[object], None]:
-        return lambda _: settled.append(number)
+        return lambda _: settle_order.append(number)
 
     for number, batch in enumerate(batches):
         for envelope in batch:
             envelope.settled.add_done_callback(note(number))
     database_switch.refuse()
-    await asyncio.wait_for(processor.submit(batches[0]), timeout=5)
-    await asyncio.wait_for(processor.submit(batches[1]), timeout=5)
-    third = asyncio.create_task(processor.submit(batches[2]))
+    await asyncio.wait_for(processor.start_commit(batches[0]), timeout=5)
+    await asyncio.wait_for(processor.start_commit(batches[1]), timeout=5)
+    third = asyncio.create_task(processor.start_commit(batches[2]))
     await asyncio.sleep(1.0)
     assert not third.done(), "a third commit waits until one of two is settled"
     assert [outcomes(batch) for batch in batches] == [[None, None]] * 3
     database_switch.allow()
     await asyncio.wait_for(third, timeout=30)
-    await asyncio.wait_for(processor.drain(), timeout=30)
+    await asyncio.wait_for(settled(batches[2]), timeout=30)
     assert [outcomes(batch) for batch in batches] == [[Outcome.STORED] * 2] * 3
-    assert settled == [0, 1, 2]
+    assert settle_order == [0, 1, 2]
     log = {event.order_uid: event.seq for event in await store.read_events(0, 10)}
     assert set(log) >= {uid for pair in uids for uid in pair}
     assert set(processor.view) == set(log)
@@ -160,17 +175,17 @@ async def test_a_submit_cancelled_while_waiting_fails_its_batch_only(
     """A stop that cancels the agent while its batch waits for room: that batch is failed
     (NATS redelivers it), and the commits already under way still complete."""
     processor = BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
-    await processor.process(envelopes(order_bytes(new_uid())))
+    await process(processor, envelopes(order_bytes(new_uid())))
     first, second, third = (envelopes(order_bytes(new_uid())) for _ in range(3))
     database_switch.refuse()
-    await processor.submit(first)
-    await processor.submit(second)
-    submitting = asyncio.create_task(processor.submit(third))
+    await processor.start_commit(first)
+    await processor.start_commit(second)
+    submitting = asyncio.create_task(processor.start_commit(third))
     await asyncio.sleep(0.5)
     submitting.cancel()
     await asyncio.gather(submitting, return_exceptions=True)
     assert outcomes(third) == [Outcome.FAILED]
     database_switch.allow()
-    await asyncio.wait_for(processor.drain(), timeout=30)
+    await asyncio.wait_for(settled(second), timeout=30)
     assert outcomes(first) == outcomes(second) == [Outcome.STORED]
     assert len(await store.read_events(0, 10)) == 3

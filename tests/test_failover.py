@@ -13,11 +13,11 @@ from psycopg2.extensions import make_dsn, parse_dsn
 
 from streams.agent import BatchProcessor
 from streams.envelope import Outcome
+from streams.follower import ViewFollower
 from streams.store import PostgresEventStore, schema_sql
 from tests.chaos_servers import OwnPostgres, own_postgres
 from tests.orders import new_uid, order_bytes
-from tests.test_agent import envelopes, outcomes
-from views.follower import ViewFollower
+from tests.test_agent import envelopes, outcomes, process
 from views.view import OrdersView
 
 
@@ -77,7 +77,7 @@ async def test_a_writer_follows_the_host_that_becomes_the_writable_one(
     try:
         processor = BatchProcessor(writer, ViewFollower(OrdersView(), writer, page_size=100))
         before = new_uid()
-        await processor.process(envelopes(order_bytes(before)))
+        await process(processor, envelopes(order_bytes(before)))
         assert _log_uids(database_url) == [before]
 
         admin = psycopg2.connect(database_url)
@@ -97,7 +97,7 @@ async def test_a_writer_follows_the_host_that_becomes_the_writable_one(
 
         after = new_uid()
         batch = envelopes(order_bytes(after))
-        await asyncio.wait_for(processor.process(batch), timeout=60)
+        await asyncio.wait_for(process(processor, batch), timeout=60)
         assert outcomes(batch) == [Outcome.STORED]
         assert _log_uids(other_url) == [after], "committed on the writable host"
         assert _log_uids(database_url) == [before]

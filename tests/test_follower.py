@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from streams.follower import ViewFollower
 from streams.store import BatchResult, Listener, PostgresEventStore, StoreUnavailable
 from streams.validation import Accepted
 from tests.database import DatabaseSwitch
 from tests.orders import new_uid, order_bytes
 from tests.worker import eventually
-from views.follower import ViewFollower
 from views.view import OrdersView
 
 

@@ -28,11 +28,11 @@ import uvloop
 from psycopg2 import sql
 
 from streams.agent import BatchProcessor
+from streams.app import create_app
 from streams.config import Settings
 from streams.envelope import Outcome
+from streams.follower import ViewFollower
 from streams.logs import quiet_statement_timeout_reports
-from streams.metrics import Metrics
-from streams.runtime import Runtime
 from streams.store import (
     APPEND_LOCK_KEY,
     DeadLetter,
@@ -44,9 +44,8 @@ from streams.store import (
 from streams.validation import Accepted
 from tests.flow import Route, orders, wait_for_orders
 from tests.orders import new_uid, order_bytes
-from tests.test_agent import envelopes, outcomes
+from tests.test_agent import envelopes, outcomes, process, settled
 from tests.worker import Worker, eventually
-from views.follower import ViewFollower
 from views.view import OrdersView
 
 
@@ -170,11 +169,11 @@ async def test_settled_only_after_confirmed_commit_connection_dropped_before_com
     """Promise 1 through the agent: every message settled STORED or REJECTED is in the
     database, and the view holds only what the log holds."""
     processor = BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
-    await processor.process(envelopes(order_bytes(new_uid())))  # a live pooled connection
+    await process(processor, envelopes(order_bytes(new_uid())))  # a live pooled connection
     drop_before_commit(monkeypatch, store, admin, times=2)
     uid = new_uid()
     batch = envelopes(order_bytes(uid), b"{oops")
-    await asyncio.wait_for(processor.process(batch), timeout=30)
+    await asyncio.wait_for(process(processor, batch), timeout=30)
     assert outcomes(batch) == [Outcome.STORED, Outcome.REJECTED]
     assert uid in admin.log_uids()
     assert admin.value("SELECT count(*) FROM orders_dead_letters") == 1
@@ -329,7 +328,7 @@ async def test_a_batch_over_the_timeout_is_split_and_the_rest_goes_on(
         processor = BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
         slow, *fast = [new_uid("slow"), new_uid(), new_uid(), new_uid()]
         batch = envelopes(*(order_bytes(uid) for uid in (slow, *fast)))
-        await processor.submit(batch)
+        await processor.start_commit(batch)
 
         async def fast_ones_stored() -> bool:
             return set(fast) <= set(admin.log_uids())
@@ -339,7 +338,7 @@ async def test_a_batch_over_the_timeout_is_split_and_the_rest_goes_on(
         assert outcomes(batch)[0] is None, "the slow order is not settled"
         assert processor.problem is not None and "timeout" in processor.problem
         admin.run("DELETE FROM slow_switch")
-        await asyncio.wait_for(processor.drain(), timeout=30)
+        await asyncio.wait_for(settled(batch), timeout=30)
         assert outcomes(batch) == [Outcome.STORED] * 4
         assert processor.problem is None
         assert set(processor.view) == set(admin.log_uids())
@@ -383,7 +382,7 @@ async def test_permission_denied_is_reported_as_such_and_retried_until_granted(
         admin.run(sql.SQL("REVOKE INSERT ON orders_events FROM {}").format(sql.Identifier(role)))
         batch = envelopes(order_bytes(new_uid()))
         with caplog.at_level(logging.WARNING, logger="streams.agent"):
-            await processor.submit(batch)
+            await processor.start_commit(batch)
 
             async def reported() -> bool:
                 return processor.problem is not None and "permission denied" in processor.problem
@@ -392,7 +391,7 @@ async def test_permission_denied_is_reported_as_such_and_retried_until_granted(
             await asyncio.sleep(1.0)  # more retries, no more log lines
             assert outcomes(batch) == [None]
             admin.run(sql.SQL("GRANT INSERT ON orders_events TO {}").format(sql.Identifier(role)))
-            await asyncio.wait_for(processor.drain(), timeout=30)
+            await asyncio.wait_for(settled(batch), timeout=30)
         assert outcomes(batch) == [Outcome.STORED]
         assert processor.problem is None
         denied = [r for r in caplog.records if "permission denied" in r.getMessage()]
@@ -439,8 +438,8 @@ async def test_boot_replay_that_loses_its_connection_is_retried(
     settings = Settings(
         database_url=database_url, data_dir=tmp_path, consume=False, replay_page_size=3
     )
-    view = OrdersView()
-    runtime = Runtime(settings, view, Metrics(), lambda: None)
+    runtime = create_app(settings).runtime
+    view = runtime.view
     try:
         await asyncio.wait_for(runtime.on_start(), timeout=60)
         assert calls[0] >= 2, "the replay was tried again"
@@ -470,7 +469,7 @@ async def test_commit_confirmed_but_reply_lost_reaches_the_own_view_at_once(
     processor = BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
     uid = new_uid()
     batch = envelopes(order_bytes(uid))
-    await asyncio.wait_for(processor.process(batch), timeout=30)
+    await asyncio.wait_for(process(processor, batch), timeout=30)
     assert outcomes(batch) == [Outcome.DUPLICATE]
     assert uid in processor.view
 
@@ -484,14 +483,14 @@ async def test_other_writers_reach_the_view_while_a_commit_of_its_own_is_in_flig
     the notifications must be read, not pile up."""
     follower = ViewFollower(OrdersView(), store, page_size=100)
     processor = BatchProcessor(store, follower)
-    await processor.process(envelopes(order_bytes(new_uid())))  # a live pooled connection
+    await process(processor, envelopes(order_bytes(new_uid())))  # a live pooled connection
     following = asyncio.create_task(follower.follow(poll_s=0.5))
     other = Admin(database_url)
     try:
         await asyncio.sleep(0.5)  # LISTEN in place
         other.run("SELECT pg_advisory_lock(%s)", (APPEND_LOCK_KEY,))
         ours = envelopes(order_bytes(new_uid()))
-        await processor.submit(ours)
+        await processor.start_commit(ours)
         theirs = [new_uid() for _ in range(5)]
         for uid in theirs:
             other.run(
@@ -507,7 +506,7 @@ async def test_other_writers_reach_the_view_while_a_commit_of_its_own_is_in_flig
         await eventually(followed, "another writer's orders reach the view, NOTIFYs read", 10)
         assert outcomes(ours) == [None], "our commit is still in flight"
         other.run("SELECT pg_advisory_unlock(%s)", (APPEND_LOCK_KEY,))
-        await asyncio.wait_for(processor.drain(), timeout=30)
+        await asyncio.wait_for(settled(ours), timeout=30)
         assert outcomes(ours) == [Outcome.STORED]
         assert list(follower.view) == admin.log_uids()
     finally:
@@ -621,8 +620,8 @@ async def test_a_read_replica_runs_on_a_read_only_database(
         )
     )
     settings = Settings(database_url=database_url, data_dir=tmp_path, consume=False)
-    view = OrdersView()
-    runtime = Runtime(settings, view, Metrics(), lambda: None)
+    runtime = create_app(settings).runtime
+    view = runtime.view
     try:
         await asyncio.wait_for(runtime.on_start(), timeout=30)
         assert runtime.readiness()[0] and len(view) == 1

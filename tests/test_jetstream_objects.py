@@ -25,9 +25,9 @@ from nats.js.api import (
     StreamConfig,
 )
 
-import bridge.consumer
-from bridge.consumer import NatsBridge
+import bridge.nats_bridge
 from bridge.jetstream import DUPLICATE_WINDOW_S, check_stream, ensure_stream, stream_config
+from bridge.nats_bridge import NatsBridge
 from publisher.stream import ensure_stream as publisher_stream
 from streams.config import Settings
 from streams.envelope import Envelope, Outcome
@@ -191,11 +191,11 @@ async def test_a_consumer_that_cannot_be_changed_in_place_is_refused(
     consumed from: the reason names what differs and what to do, it is logged once however
     often the bridge looks again, nothing is fetched or acked, and once the operator deletes
     it the bridge makes its own and takes every message."""
-    monkeypatch.setattr(bridge.consumer, "_REFUSED_RETRY_S", 0.05)
+    monkeypatch.setattr(bridge.nats_bridge, "_REFUSED_RETRY_S", 0.05)
     settings = await foreign_consumer(client, route, 3, seed=41, **foreign)
     js = client.jetstream()
     received = Received()
-    caplog.set_level(logging.DEBUG, logger="bridge.consumer")
+    caplog.set_level(logging.DEBUG, logger="bridge.nats_bridge")
     async with running(settings, received) as nats_bridge:
         reason = await problem_of(nats_bridge)
         assert fragment in reason

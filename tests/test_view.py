@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import orjson
 
+from streams.follower import restore
 from streams.store import Event, PostgresEventStore
 from streams.validation import Accepted
 from tests.orders import new_uid, order_bytes
-from views.view import OrdersView, restore
+from views.view import OrdersView
 
 
 async def test_restore_rebuilds_every_order_across_pages(store: PostgresEventStore) -> None:

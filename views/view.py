@@ -1,21 +1,33 @@
-"""The in-memory view: order_uid -> the order's JSON bytes, a pure projection of orders_events."""
+"""The in-memory view: order_uid -> the order's JSON bytes, a pure projection of orders_events.
+
+It knows the log only as :class:`Projected` entries handed to it in seq order; reading the log
+is the follower's work (streams/follower.py).
+"""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import gc
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Protocol
 
-from streams.store import Event, EventStore
+
+class Projected(Protocol):
+    """What the view projects: one entry of the log, as the event store hands it over."""
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def order_uid(self) -> str: ...
+
+    @property
+    def payload(self) -> bytes: ...
 
 
 class OrdersView(Mapping[str, bytes]):
     """Every order in the log, ready to send as it is.
 
-    The only way in is :meth:`project`, fed with events from the log in seq order: at boot by
-    :func:`restore`, afterwards by the agent with the events it has just committed (and
+    The only way in is :meth:`project`, fed with events from the log in seq order by the
+    follower: at boot, and afterwards with the events the agent has just committed (and
     :meth:`refresh`, which changes an order's bytes, never its value).
     """
 
@@ -23,7 +35,7 @@ class OrdersView(Mapping[str, bytes]):
         self._orders: dict[str, bytes] = {}
         self.last_seq = 0
 
-    def project(self, events: Iterable[Event]) -> int:
+    def project(self, events: Iterable[Projected]) -> int:
         """Apply events in seq order and return how many were new.
 
         Events at or below ``last_seq`` are already in and are skipped.
@@ -41,7 +53,7 @@ class OrdersView(Mapping[str, bytes]):
         self.last_seq = last
         return added
 
-    def refresh(self, events: Iterable[Event]) -> None:
+    def refresh(self, events: Iterable[Projected]) -> None:
         """Give events already projected the bytes they were committed with.
 
         An event read back from the log is PostgreSQL's jsonb text: the same JSON value as the
@@ -64,50 +76,3 @@ class OrdersView(Mapping[str, bytes]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._orders)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RestoreStats:
-    """How a replay went: events applied, the last seq reached and the time it took."""
-
-    events: int
-    last_seq: int
-    seconds: float
-
-    @property
-    def rate(self) -> float:
-        """Events per second."""
-        return self.events / self.seconds if self.seconds > 0 else float(self.events)
-
-
-async def restore(
-    view: OrdersView,
-    store: EventStore,
-    page_size: int,
-    on_page: Callable[[int], None] | None = None,
-) -> RestoreStats:
-    """Replay the log from after ``view.last_seq`` to its end, page by page, into ``view``.
-
-    The same function rebuilds the view at boot and in the ``replay`` command. ``on_page``
-    hears how many events each page applied (for a progress display).
-
-    The store asks for the next page before it hands over the current one, so PostgreSQL
-    works on it while this one is projected; and the cyclic garbage collector, which would
-    otherwise sweep again and again over the rows being created, is paused until the end.
-    """
-    started = time.perf_counter()
-    applied = 0
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        # aclosing: a replay that stops early hands its connections back at once.
-        async with contextlib.aclosing(store.read_pages(view.last_seq, page_size)) as pages:
-            async for page in pages:
-                added = view.project(page)
-                applied += added
-                if on_page is not None:
-                    on_page(added)
-    finally:
-        if collecting:
-            gc.enable()
-    return RestoreStats(applied, view.last_seq, time.perf_counter() - started)

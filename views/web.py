@@ -1,22 +1,23 @@
-"""The HTTP face of the view: Faust web views over aiohttp. They only read; nothing here writes."""
+"""The HTTP face of the view: Faust web views. They only read; nothing here writes.
+
+Everything the routes need from the rest of the service is handed to :func:`install_routes`
+(the view, readiness, the metrics registry, a request counter and the uid rule), so this package
+imports nothing from streams/.
+"""
 
 from __future__ import annotations
 
 import importlib.resources
-import re
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import faust
 from faust.web import Request, Response, View
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from streams.metrics import HttpMetrics
-from streams.validation import UID_PATTERN
 from views.view import OrdersView
 
-_UID: Final = re.compile(UID_PATTERN)
 _JSON: Final = "application/json"
 # Readiness states in which the view does not yet hold every order of the log, so an unknown
 # uid may still come; while "stalled" (writes failing) the view is complete, and 404 is true.
@@ -41,6 +42,15 @@ _DATA_HEADERS: Final = {
 }
 
 
+Readiness = Callable[[], tuple[bool, dict[str, object]]]
+
+
+class RequestCounter(Protocol):
+    """Where answered requests are counted (the service's HTTP metrics)."""
+
+    def observe(self, route: str, status: int, seconds: float) -> None: ...
+
+
 def _static(name: str) -> bytes:
     return importlib.resources.files("views").joinpath("static", name).read_bytes()
 
@@ -48,13 +58,17 @@ def _static(name: str) -> bytes:
 def install_routes(
     app: faust.App,
     view: OrdersView,
-    readiness: Callable[[], tuple[bool, dict[str, object]]],
+    *,
+    readiness: Readiness,
     registry: CollectorRegistry,
-    http: HttpMetrics | None = None,
+    is_valid_uid: Callable[[str], bool],
+    http: RequestCounter | None = None,
 ) -> None:
     """Register the routes: ``/orders/{uid}``, the page (``/``, ``/app.js``, ``/app.css``),
-    ``/openapi.json``, ``/metrics``, ``/healthz`` and ``/readyz``. ``http`` counts the
-    requests of ``/orders/{uid}``, which bypasses the sensors (see :class:`OrderPage`)."""
+    ``/openapi.json``, ``/metrics`` (of ``registry``), ``/healthz`` and ``/readyz``.
+
+    ``is_valid_uid`` tells a malformed uid (400) from an unknown one (404); ``http`` counts
+    the requests of ``/orders/{uid}``, which bypasses the sensors (see :class:`OrderPage`)."""
     index_html = _static("index.html").decode("utf-8")
 
     class OrderPage(View):
@@ -83,7 +97,7 @@ def install_routes(
             if payload is not None:
                 # Only uids that passed validation are in the view: no need to check first.
                 return self.bytes(payload, content_type=_JSON, headers=_DATA_HEADERS)
-            if not _UID.match(uid):
+            if not is_valid_uid(uid):
                 return _error(
                     self, 400, "malformed order_uid: expected 1 to 64 letters, digits, '_' or '-'"
                 )

@@ -27,16 +27,15 @@ from nats.aio.msg import Msg
 from bridge.embedded_nats import EmbeddedNats
 from bridge.jetstream import Refused, check_stream, ensure_consumer, ensure_stream
 from bridge.pull import Inbox, PullRefused
-from streams.config import Settings, redact
+from streams.config import FETCHES_IN_FLIGHT, Settings, redact
 from streams.envelope import Envelope, Outcome
 from streams.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-Submit = Callable[[Envelope], Awaitable[None]]
+SendToAgent = Callable[[Envelope], Awaitable[None]]
 
 _FETCH_WAIT_S: Final = 1.0
-_INBOXES: Final = 4
 _RETRY_MAX_S: Final = 5.0
 # A refused stream or consumer waits for an operator: look again now and then, not in a loop.
 _REFUSED_RETRY_S: Final = 10.0
@@ -61,9 +60,9 @@ class NatsBridge:
     found (``None`` otherwise): readiness reports it.
     """
 
-    def __init__(self, settings: Settings, submit: Submit, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, send_to_agent: SendToAgent, metrics: Metrics) -> None:
         self.settings = settings
-        self._submit = submit
+        self._send_to_agent = send_to_agent
         self.metrics = metrics
         self._embedded: EmbeddedNats | None = None
         self._nc: Client | None = None
@@ -153,7 +152,9 @@ class NatsBridge:
 
     async def _fetch_until_rebind(self, nc: Client) -> None:
         settings = self.settings
-        inboxes = [Inbox(nc, settings.nats_stream, settings.nats_durable) for _ in range(_INBOXES)]
+        inboxes = [
+            Inbox(nc, settings.nats_stream, settings.nats_durable) for _ in range(FETCHES_IN_FLIGHT)
+        ]
         self._inboxes = inboxes
         free: asyncio.Queue[Inbox] = asyncio.Queue()
         try:
@@ -168,7 +169,7 @@ class NatsBridge:
             )
             while not self._stopping.is_set() and not self._rebind.is_set():
                 # An inbox is free again once the acks of its last batch are sent: at most
-                # _INBOXES batches are in the agent or waiting for their commit.
+                # FETCHES_IN_FLIGHT batches are in the agent or waiting for their commit.
                 inbox = await free.get()
                 messages = await inbox.fetch(settings.batch_size, _FETCH_WAIT_S)
                 self._answered = True
@@ -176,7 +177,7 @@ class NatsBridge:
                     free.put_nowait(inbox)
                     continue
                 envelope = Envelope([msg.data for msg in messages], self._sources(messages))
-                await self._submit(envelope)
+                await self._send_to_agent(envelope)
                 task = asyncio.create_task(self._ack_when_settled(messages, envelope))
                 task.add_done_callback(functools.partial(_put_back, free, inbox))
                 self._in_flight.add(task)
