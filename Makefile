@@ -27,6 +27,7 @@ replay: install  ## rebuild the view from orders_events and report the rate
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/pytest -q tests/test_layers.py  # the import layers (see its docstring)
 
 typecheck: install
 	$(BIN)/mypy

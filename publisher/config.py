@@ -6,22 +6,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from bridge.embedded_nats import URL_FILE
 from streams.config import ConfigError as SettingError
-from streams.config import check_nats_servers, list_position, redact, split_nats_servers
+from streams.config import (
+    Settings,
+    check_nats_name,
+    check_nats_servers,
+    env_name,
+    list_position,
+    redact,
+    split_nats_servers,
+)
 
-URL_ENV = "ORDERS_NATS_URL"
-SUBJECT_ENV = "ORDERS_NATS_PUBLISH_SUBJECT"
+# The service's own settings, under the service's names: the publisher finds what it runs.
+URL_ENV = env_name("nats_url")
 # The service's subject filter; a stream created here captures it, as the service's would.
-SERVICE_FILTER_ENV = "ORDERS_NATS_SUBJECT"
-STREAM_ENV = "ORDERS_NATS_STREAM"
-DATA_DIR_ENV = "ORDERS_DATA_DIR"
+SERVICE_FILTER_ENV = env_name("nats_subject")
+STREAM_ENV = env_name("nats_stream")
+DATA_DIR_ENV = env_name("data_dir")
+DEFAULT_STREAM = Settings.nats_stream
+DEFAULT_DATA_DIR = str(Settings.data_dir)
+URL_FILE_NAME = URL_FILE
+# The publisher's own: the subject it publishes to (the service reads a filter, not a subject).
+SUBJECT_ENV = "ORDERS_NATS_PUBLISH_SUBJECT"
 DEFAULT_SUBJECT = "orders.new"
-DEFAULT_STREAM = "ORDERS"
-DEFAULT_DATA_DIR = ".data"
-URL_FILE_NAME = "nats.url"
 
 _SUBJECT_TOKEN = re.compile(r"[^\s.*>]+")
-_STREAM_NAME = re.compile(r"[^\s.*>/\\]+")
 
 
 class ConfigError(ValueError):
@@ -99,9 +109,9 @@ def check_subject(subject: str, source: str) -> str:
 
 
 def check_stream_name(name: str, source: str) -> str:
-    """Return ``name`` if JetStream accepts it as a stream name."""
-    if not _STREAM_NAME.fullmatch(name):
-        raise ConfigError(
-            f"{source}: {name!r} is not a valid stream name (no spaces, '.', '*', '>', '/' or '\\')"
-        )
-    return name
+    """Return ``name`` if the service accepts it as its stream's name (``ORDERS_NATS_STREAM``):
+    a stream the publisher creates is one the service can bind."""
+    try:
+        return check_nats_name(name, source)
+    except SettingError as error:
+        raise ConfigError(str(error)) from None

@@ -179,6 +179,21 @@ class Settings:
         )
 
 
+def env_name(field: str) -> str:
+    """The environment variable of a :class:`Settings` field (``nats_url``: ``ORDERS_NATS_URL``)."""
+    if field not in {f.name for f in dataclasses.fields(Settings)}:
+        raise KeyError(f"no setting {field!r}")
+    return f"ORDERS_{field.upper()}"
+
+
+def check_nats_name(value: str, source: str) -> str:
+    """``value`` if it is a name the service accepts for a stream or consumer, else
+    ``ConfigError`` naming ``source``."""
+    if not _NATS_NAME.match(value):
+        raise ConfigError(f"{source}={value!r}: expected 1 to 64 letters, digits, '_' or '-'")
+    return value
+
+
 def redact(value: str | Iterable[str]) -> str:
     """``value`` fit for a log or an error message: every password and token replaced by ***.
 
@@ -461,10 +476,7 @@ def _scrub(error: psycopg2.Error, shown: str) -> str:
 
 
 def _name(env: Mapping[str, str], name: str, default: str) -> str:
-    value = _text(env, name, default)
-    if not _NATS_NAME.match(value):
-        raise ConfigError(f"{name}={value!r}: expected 1 to 64 letters, digits, '_' or '-'")
-    return value
+    return check_nats_name(_text(env, name, default), name)
 
 
 def _subject(env: Mapping[str, str], name: str, default: str) -> str:

@@ -16,11 +16,6 @@ class Outcome(enum.Enum):
     REJECTED = "rejected"
     FAILED = "failed"
 
-    @property
-    def committed(self) -> bool:
-        """True when the message may be acknowledged to its source."""
-        return self is not Outcome.FAILED
-
 
 def _unknown_source(index: int) -> None:
     return None

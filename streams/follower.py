@@ -53,10 +53,6 @@ class ViewFollower:
         """How many seqs the view is behind the last known head of the log."""
         return max(0, self.head - self.view.last_seq)
 
-    def listening_backlog(self) -> int:
-        """Notifications received and not yet read (0 when not listening)."""
-        return self._listener.backlog if self._listener is not None else 0
-
     async def catch_up(self, on_page: Callable[[int], None] | None = None) -> RestoreStats:
         """Read the log from the view's position to its end into the view."""
         async with self._lock:

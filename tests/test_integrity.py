@@ -36,6 +36,7 @@ from streams.logs import quiet_statement_timeout_reports
 from streams.store import (
     APPEND_LOCK_KEY,
     DeadLetter,
+    Listener,
     PostgresEventStore,
     SchemaMissing,
     SchemaUnsafe,
@@ -475,7 +476,7 @@ async def test_commit_confirmed_but_reply_lost_reaches_the_own_view_at_once(
 
 
 async def test_other_writers_reach_the_view_while_a_commit_of_its_own_is_in_flight(
-    store: PostgresEventStore, admin: Admin, database_url: str
+    store: PostgresEventStore, admin: Admin, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Promise 3 under load: under sustained ingest the agent always has a commit in flight.
     Here one waits for the append lock (held by the test) for as long as the test likes;
@@ -484,6 +485,14 @@ async def test_other_writers_reach_the_view_while_a_commit_of_its_own_is_in_flig
     follower = ViewFollower(OrdersView(), store, page_size=100)
     processor = BatchProcessor(store, follower)
     await process(processor, envelopes(order_bytes(new_uid())))  # a live pooled connection
+    listeners: list[Listener] = []
+    listen = store.listen
+
+    async def recorded_listen() -> Listener:
+        listeners.append(await listen())
+        return listeners[-1]
+
+    monkeypatch.setattr(store, "listen", recorded_listen)
     following = asyncio.create_task(follower.follow(poll_s=0.5))
     other = Admin(database_url)
     try:
@@ -501,7 +510,7 @@ async def test_other_writers_reach_the_view_while_a_commit_of_its_own_is_in_flig
             other.run("SELECT pg_notify('orders_events', 'another-writer')")
 
         async def followed() -> bool:
-            return set(theirs) <= set(follower.view) and follower.listening_backlog() == 0
+            return set(theirs) <= set(follower.view) and listeners[-1].backlog == 0
 
         await eventually(followed, "another writer's orders reach the view, NOTIFYs read", 10)
         assert outcomes(ours) == [None], "our commit is still in flight"
