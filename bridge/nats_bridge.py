@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
@@ -30,16 +29,17 @@ from bridge.pull import Inbox, PullRefused
 from streams.config import FETCHES_IN_FLIGHT, Settings, redact
 from streams.envelope import Envelope, Outcome
 from streams.metrics import Metrics
+from streams.retry import Backoff, Episode
 
 log = logging.getLogger(__name__)
 
 SendToAgent = Callable[[Envelope], Awaitable[None]]
 
 _FETCH_WAIT_S: Final = 1.0
-_RETRY_MAX_S: Final = 5.0
 # A refused stream or consumer waits for an operator: look again now and then, not in a loop.
 _REFUSED_RETRY_S: Final = 10.0
 _NAK_DELAY_S: Final = 2.0
+_REMIND_ERRORS_S: Final = 30.0
 _STOP_GRACE_S: Final = 30.0
 _POLL_CONSUMER_S: Final = 5.0
 # A server that stops answering without closing its sockets (frozen, or cut off by the
@@ -72,7 +72,8 @@ class NatsBridge:
         self._rebind = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self.servers: list[str] = []
-        self._errors = _RepeatedWarning()
+        # While a server is down the client fails every half second: said once, then sparsely.
+        self._errors = Episode(log, remind_s=_REMIND_ERRORS_S)
         self._answered = False  # a pull request was answered since the last bind
         self._inboxes: list[Inbox] = []
         self.problem: str | None = None
@@ -124,7 +125,7 @@ class NatsBridge:
         log.info("NATS bridge stopped")
 
     async def _consume(self) -> None:
-        delay = 0.5
+        backoff = Backoff()
         while not self._stopping.is_set():
             self._answered = False
             try:
@@ -133,7 +134,7 @@ class NatsBridge:
                 await self._fetch_until_rebind(nc)
             except Refused as exc:
                 self._refuse(str(exc))
-                delay = 0.5
+                backoff.reset()
                 await self._sleep(_REFUSED_RETRY_S)
             except _BIND_ERRORS as exc:
                 # PullRefused: the consumer was deleted or changed under the service;
@@ -143,12 +144,12 @@ class NatsBridge:
                 if self._stopping.is_set():
                     break
                 if self._answered:
-                    delay = 0.5
+                    backoff.reset()
+                delay = backoff.next()
                 log.warning(
                     "NATS consumer unavailable, binding again in %.1f s: %s", delay, _describe(exc)
                 )
                 await self._sleep(delay)
-                delay = min(delay * 2, _RETRY_MAX_S)
 
     async def _fetch_until_rebind(self, nc: Client) -> None:
         settings = self.settings
@@ -313,6 +314,7 @@ class NatsBridge:
         self.metrics.nats_connected.set(1)
         self.metrics.nats_reconnects.inc()
         log.info("reconnected to NATS at %s; binding the consumer again", _url_of(self._nc))
+        self._errors.over("NATS: no more errors after %d", self._errors.failures)
         self._rebind.set()
         # A fetch waiting on a request sent before the reconnect would wait its full time
         # and end as "JetStream did not answer": the server may have forgotten it.
@@ -320,26 +322,8 @@ class NatsBridge:
             inbox.forget_requests()
 
     async def _on_error(self, exc: Exception) -> None:
-        self._errors.report(_describe(exc))
-
-
-class _RepeatedWarning:
-    """While a server is down the client fails every half second: say so once, then sparsely."""
-
-    def __init__(self, every_s: float = 30.0) -> None:
-        self._every_s = every_s
-        self._last = ""
-        self._since = 0.0
-        self._repeats = 0
-
-    def report(self, message: str) -> None:
-        now = time.monotonic()
-        if message == self._last and now - self._since < self._every_s:
-            self._repeats += 1
-            return
-        again = f" (and {self._repeats} times more since)" if self._repeats else ""
-        log.warning("NATS: %s%s", message, again)
-        self._last, self._since, self._repeats = message, now, 0
+        problem = _describe(exc)
+        self._errors.failed(problem, "NATS: %s", problem)
 
 
 def _put_back(free: asyncio.Queue[Inbox], inbox: Inbox, _: asyncio.Task[None]) -> None:

@@ -13,6 +13,7 @@ from streams.config import COMMITS_IN_FLIGHT
 from streams.envelope import Envelope, Outcome
 from streams.follower import ViewFollower
 from streams.metrics import Metrics, reason_class
+from streams.retry import Backoff, Episode
 from streams.store import (
     AccessDenied,
     BatchResult,
@@ -27,9 +28,7 @@ from streams.validation import Accepted, Rejected, validate
 log = logging.getLogger(__name__)
 
 _FIRST_RETRY_S: Final = 0.1
-_LAST_RETRY_S: Final = 5.0
 _SUMMARY_EVERY_S: Final = 5.0
-_REMIND_EVERY_S: Final = 60.0
 
 # Where a message sits in a batch: (envelope, message) indexes.
 _Position = tuple[int, int]
@@ -230,7 +229,7 @@ class BatchProcessor:
         return False
 
     async def _write_retrying(self, orders: list[_Order], rejects: list[_Reject]) -> BatchResult:
-        delay = _FIRST_RETRY_S
+        backoff = Backoff(first=_FIRST_RETRY_S)
         # What the outage knows this write by: the order itself when it is a lone one, so
         # that an order set aside as too slow stays the same failing write.
         write: object = orders[0] if len(orders) == 1 and not rejects else object()
@@ -250,57 +249,40 @@ class BatchProcessor:
                 self._outage.succeeded(write)
                 return result
             self.metrics.database_retries.inc()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _LAST_RETRY_S)
+            await asyncio.sleep(backoff.next())
 
 
 class _Outage:
-    """Failing writes, told once per episode: the first failure, a reminder now and then while
-    it lasts, and a summary when no write is failing any more. An episode lasts while any
-    write in flight (each known by a token) is failing."""
+    """Failing writes, told once per episode (:class:`Episode`): the first failure, a
+    reminder now and then while it lasts, and a summary when no write is failing any more.
+    An episode lasts while any write in flight (each known by a token) is failing."""
 
     def __init__(self) -> None:
-        self.problem: str | None = None
+        self._episode = Episode(log)
         self._failing: set[int] = set()
-        self._since = 0.0
-        self._retries = 0
-        self._reminded = 0.0
+
+    @property
+    def problem(self) -> str | None:
+        return self._episode.problem
 
     def failed(self, write: object, exc: StoreUnavailable, messages: int) -> None:
-        now = time.monotonic()
         self._failing.add(id(write))
-        self._retries += 1
         problem = _describe(exc)
-        if problem != self.problem:
-            self._since = self._since or now
-            self._reminded = now
-            log.warning(
-                "%s; %d message(s) kept unacknowledged and retried: %s", problem, messages, exc
-            )
-        elif now - self._reminded >= _REMIND_EVERY_S:
-            self._reminded = now
-            log.warning(
-                "%s for %.0f s, %d retries so far: %s",
-                problem,
-                now - self._since,
-                self._retries,
-                exc,
-            )
-        self.problem = problem
+        self._episode.failed(
+            problem, "%s; %d message(s) kept unacknowledged and retried: %s", problem, messages, exc
+        )
 
     def succeeded(self, write: object) -> None:
         self._failing.discard(id(write))
-        if self.problem is None or self._failing:
+        if self._failing:
             return
-        log.info(
+        episode = self._episode
+        episode.over(
             "writes succeed again after %.1f s and %d retries (%s)",
-            time.monotonic() - self._since,
-            self._retries,
-            self.problem,
+            time.monotonic() - episode.since,
+            episode.failures,
+            episode.problem,
         )
-        self.problem = None
-        self._since = 0.0
-        self._retries = 0
 
 
 def _describe(exc: StoreUnavailable) -> str:

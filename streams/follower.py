@@ -16,12 +16,12 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from streams.retry import Backoff, Episode
 from streams.store import BatchResult, EventStore, Listener, StoreUnavailable
 from views.view import OrdersView
 
 log = logging.getLogger(__name__)
 
-_RETRY_MAX_S: Final = 5.0
 # Without LISTEN (a hot standby, or the database away), how often to try it again: often
 # enough to hear a promoted standby within a few polls, rarely enough not to knock every poll.
 _LISTEN_AGAIN_S: Final = 10.0
@@ -100,7 +100,8 @@ class ViewFollower:
         Without a LISTEN connection (the database away, or a hot standby, where LISTEN is not
         allowed) it keeps polling, and tries to listen again now and then.
         """
-        failures = 0
+        paused = Episode(log)
+        backoff = Backoff(first=poll_s)
         listen_again_at = 0.0
         this_task = asyncio.current_task()
         loop = asyncio.get_running_loop()
@@ -132,12 +133,11 @@ class ViewFollower:
                         self.head = max(self.head, await self.store.head())
                     if woken or self.lag:
                         await self.catch_up()
-                    failures = 0
+                    paused.over("following the log again")
+                    backoff.reset()
                 except StoreUnavailable as exc:
-                    failures += 1
-                    if failures == 1 or failures % 30 == 0:
-                        log.warning("following the log paused (%d tries): %s", failures, exc)
-                    await asyncio.sleep(min(poll_s * failures, _RETRY_MAX_S))
+                    paused.failed("unavailable", "following the log paused: %s", exc)
+                    await asyncio.sleep(backoff.next())
         finally:
             if self._listener is not None:
                 await self._listener.close()

@@ -14,11 +14,11 @@ from streams.config import Settings, redact
 from streams.embedded_postgres import start_embedded_postgres
 from streams.follower import RestoreStats, ViewFollower
 from streams.metrics import Metrics
+from streams.retry import Backoff, Episode
 from streams.store import PostgresEventStore, SchemaError, SchemaMissing, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
-_RETRY_MAX_S: Final = 5.0
 _STOP_FOLLOWING_S: Final = 5.0
 _COMMAND_CONNECT_S: Final = 60.0
 
@@ -44,23 +44,17 @@ async def until_done(
     """Run ``step`` again after each exception of ``waits_out``, waiting longer each time,
     until it succeeds; ``None`` if stopped first. Told once when it starts failing, now and
     then while it goes on, and once when it succeeds after failures."""
-    delay = 0.5
-    tries = 0
+    backoff = Backoff()
+    episode = Episode(log)
     while not should_stop():
         try:
             result = await step()
         except waits_out as exc:
-            tries += 1
-            if tries == 1 or (delay >= _RETRY_MAX_S and tries % 12 == 0):
-                reason = (
-                    "database not reachable" if isinstance(exc, StoreUnavailable) else "waiting"
-                )
-                log.warning("%s: %s, retrying (try %d): %s", what, reason, tries, exc)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _RETRY_MAX_S)
+            reason = "database not reachable" if isinstance(exc, StoreUnavailable) else "waiting"
+            episode.failed(reason, "%s: %s, retrying: %s", what, reason, exc)
+            await asyncio.sleep(backoff.next())
             continue
-        if tries:
-            log.info("%s: done after %d failed tries", what, tries)
+        episode.over("%s: done after %d failed tries", what, episode.failures)
         return result
     return None
 

@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "streams.pg_hosts": BLOCKS,
     "streams.metrics": BLOCKS,
     "streams.logs": BLOCKS,
+    "streams.retry": BLOCKS,
     "streams.private_files": BLOCKS,
     "streams.embedded_postgres": BLOCKS,
     "views.view": BLOCKS,
