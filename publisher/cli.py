@@ -6,10 +6,10 @@ import contextlib
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Self
+from typing import IO
 
 import nats.errors
 from nats.aio.client import Client
@@ -314,12 +314,16 @@ async def _publish(
         _error(f"warning: {warning}")
 
     printer = _UidPrinter(sys.stdout)
-    with _Progress(total) as progress:
+    # A bar on stderr for long runs watched from a terminal only.
+    shown = total >= PROGRESS_MIN_COUNT and sys.stderr.isatty()
+    with tqdm(
+        total=total, unit="msg", file=sys.stderr, dynamic_ncols=True, disable=not shown
+    ) as progress:
 
         def on_ack(message: Message) -> None:
             if message.kind == "order" and message.uid:
                 printer.print(message.uid)
-            progress.advance()
+            progress.update(1)
 
         try:
             return await publish(
@@ -367,27 +371,6 @@ class _UidPrinter:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
-
-
-class _Progress:
-    """A tqdm bar on stderr for long runs watched from a terminal; a no-op otherwise."""
-
-    def __init__(self, total: int) -> None:
-        self._advance: Callable[[], object] = lambda: None
-        self._close: Callable[[], object] = lambda: None
-        if total >= PROGRESS_MIN_COUNT and sys.stderr.isatty():
-            bar = tqdm(total=total, unit="msg", file=sys.stderr, dynamic_ncols=True)
-            self._advance = lambda: bar.update(1)
-            self._close = bar.close
-
-    def advance(self) -> None:
-        self._advance()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._close()
 
 
 async def _close(nc: Client) -> None:

@@ -26,12 +26,11 @@ import nats
 import nats.errors
 import nats.js.errors
 import psycopg2
-from nats.js.api import StorageType, StreamConfig
 from pgserver._commands import POSTGRES_BIN_PATH
 from pgserver.utils import ensure_prefix_permissions, ensure_user_exists
 
 from bridge.embedded_nats import server_binary
-from bridge.jetstream import DUPLICATE_WINDOW_S
+from bridge.jetstream import stream_config
 from tests.worker import free_port
 
 SYSTEM_USER: Final = "pgserver"
@@ -391,21 +390,11 @@ class NatsCluster:
         self, via: NatsNode, name: str, subjects: list[str], replicas: int = 3
     ) -> str:
         """The stream as an operator would create it for a cluster: replicated ``replicas``
-        times, file storage, the service's duplicate window. Returns the leader's name."""
+        times, otherwise the service's own definition. Returns the leader's name."""
         nc = await nats.connect(via.url, connect_timeout=2)
         try:
             js = nc.jetstream()
-            await retrying(
-                lambda: js.add_stream(
-                    StreamConfig(
-                        name=name,
-                        subjects=subjects,
-                        storage=StorageType.FILE,
-                        duplicate_window=DUPLICATE_WINDOW_S,
-                        num_replicas=replicas,
-                    )
-                )
-            )
+            await retrying(lambda: js.add_stream(stream_config(name, subjects, replicas)))
             deadline = time.monotonic() + 30
             while True:
                 info = await retrying(lambda: js.stream_info(name))

@@ -6,7 +6,6 @@ import logging
 
 import pytest
 
-from streams import retry
 from streams.retry import Backoff, Episode
 
 
@@ -21,7 +20,7 @@ def test_an_episode_is_told_once_then_reminded_then_closed(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     now = [100.0]
-    monkeypatch.setattr(retry.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr("streams.retry.time.monotonic", lambda: now[0])
     episode = Episode(logging.getLogger("test.episode"), remind_s=60.0)
     with caplog.at_level(logging.INFO, logger="test.episode"):
         for _ in range(50):
