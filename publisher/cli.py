@@ -40,6 +40,7 @@ class Options:
     subject: str
     stream: str
     service_filter: str | None
+    replicas: int  # of a stream created here: the service's ORDERS_NATS_REPLICAS
     rate: float | None
     file: Path | None
     count: int
@@ -187,6 +188,7 @@ def _options(
         stream = _setting(args.stream, "--stream", env, config.STREAM_ENV, config.DEFAULT_STREAM)
         config.check_subject(*subject)
         config.check_stream_name(*stream)
+        replicas = config.stream_replicas(env)
     except config.ConfigError as error:
         parser.error(str(error))
     return Options(
@@ -194,6 +196,7 @@ def _options(
         subject=subject[0],
         stream=stream[0],
         service_filter=env.get(config.SERVICE_FILTER_ENV) or None,
+        replicas=replicas,
         rate=args.rate,
         file=args.file,
         count=args.count or 1,
@@ -307,7 +310,9 @@ async def _publish(
 ) -> PublishStats:
     js = nc.jetstream()
     try:
-        warning = await ensure_stream(js, options.stream, options.subject, options.service_filter)
+        warning = await ensure_stream(
+            js, options.stream, options.subject, options.service_filter, options.replicas
+        )
     except StreamError as error:
         raise _FailedError(str(error)) from None
     if warning:

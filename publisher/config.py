@@ -24,6 +24,7 @@ URL_ENV = env_name("nats_url")
 SERVICE_FILTER_ENV = env_name("nats_subject")
 STREAM_ENV = env_name("nats_stream")
 DATA_DIR_ENV = env_name("data_dir")
+REPLICAS_ENV = env_name("nats_replicas")
 DEFAULT_STREAM = Settings.nats_stream
 DEFAULT_DATA_DIR = str(Settings.data_dir)
 URL_FILE_NAME = URL_FILE
@@ -106,6 +107,17 @@ def check_subject(subject: str, source: str) -> str:
             " orders.new, without spaces or the wildcards * and >)"
         )
     return subject
+
+
+def stream_replicas(env: Mapping[str, str]) -> int:
+    """The replicas of a stream created here: the service's ``ORDERS_NATS_REPLICAS``, read
+    and checked as the service reads it."""
+    try:
+        return Settings.from_env(
+            {REPLICAS_ENV: env[REPLICAS_ENV]} if env.get(REPLICAS_ENV) else {}
+        ).nats_replicas
+    except SettingError as error:
+        raise ConfigError(str(error)) from None
 
 
 def check_stream_name(name: str, source: str) -> str:

@@ -25,13 +25,18 @@ def stream_subjects(subject: str, service_filter: str | None = None) -> list[str
 
 
 async def ensure_stream(
-    js: JetStreamContext, name: str, subject: str, service_filter: str | None = None
+    js: JetStreamContext,
+    name: str,
+    subject: str,
+    service_filter: str | None = None,
+    replicas: int = 1,
 ) -> str | None:
     """Create stream ``name`` for ``subject`` unless some stream already stores ``subject``.
 
     ``service_filter`` is the service's subject filter (``$ORDERS_NATS_SUBJECT``), if known;
     see ``stream_subjects``. The stream is the service's own definition
-    (``bridge.jetstream.stream_config``); an existing stream is never modified. Returns a
+    (``bridge.jetstream.stream_config``, with ``replicas``); an existing stream is never
+    modified. Returns a
     warning when ``subject`` is stored by a stream with another name, else ``None``. Raises
     ``StreamError`` when JetStream is unavailable or stream ``name`` exists but does not
     capture ``subject``.
@@ -62,7 +67,9 @@ async def ensure_stream(
         try:
             # Someone (usually the service starting up) may create it between our checks:
             # ensure_stream then takes theirs.
-            await jetstream.ensure_stream(js, name, stream_subjects(subject, service_filter))
+            await jetstream.ensure_stream(
+                js, name, stream_subjects(subject, service_filter), replicas
+            )
         except jetstream.Refused as error:
             raise StreamError(str(error)) from None
         return None

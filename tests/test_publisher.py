@@ -4,9 +4,11 @@ flight kept, and each way JetStream can refuse said clearly."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 
+import nats.js.errors
 import pytest
 from nats.aio.client import Client
 
@@ -98,12 +100,20 @@ async def test_silence_is_a_timeout_not_a_hang(client: Client, route: Route) -> 
         await publish(client, route.subject, fresh_orders(5), ack_timeout=0.3)
 
 
-async def run_publisher(url: str, route: Route, count: int) -> subprocess.CompletedProcess[str]:
+async def run_publisher(
+    url: str, route: Route, count: int, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """`python -m publisher --count N --url URL` on the route's subject and stream."""
     command = [sys.executable, "-m", "publisher", "--count", str(count), "--url", url]
     command += ["--subject", route.subject, "--stream", route.stream]
     return await asyncio.to_thread(
-        subprocess.run, command, capture_output=True, text=True, timeout=60, check=False
+        subprocess.run,
+        command,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -117,6 +127,25 @@ async def test_the_command_publishes_and_prints_every_uid(
     assert len(set(uids)) == 25
     assert "published 25 orders" in result.stderr
     assert await stored(client, route) == 25
+
+
+async def test_the_command_creates_the_stream_with_the_services_replicas(
+    nats_url: str, client: Client, route: Route
+) -> None:
+    """Promise 4 (no lossy stream): a stream the publisher creates is the one the service
+    would create, replicas included (ORDERS_NATS_REPLICAS). A single server cannot hold three
+    replicas: the command says so instead of creating an unreplicated stream."""
+    refused = await run_publisher(nats_url, route, 1, {"ORDERS_NATS_REPLICAS": "3"})
+    assert refused.returncode != 0
+    assert "replicas" in refused.stderr.lower(), refused.stderr
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await client.jetstream().stream_info(route.stream)
+    bad = await run_publisher(nats_url, route, 1, {"ORDERS_NATS_REPLICAS": "three"})
+    assert bad.returncode == 2 and "ORDERS_NATS_REPLICAS" in bad.stderr, bad.stderr
+    made = await run_publisher(nats_url, route, 1, {"ORDERS_NATS_REPLICAS": "1"})
+    assert made.returncode == 0, made.stderr
+    info = await client.jetstream().stream_info(route.stream)
+    assert info.config.num_replicas == 1
 
 
 async def test_the_command_fails_over_along_a_seed_list(
