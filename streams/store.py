@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import importlib.resources
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Final, Protocol
+from typing import Final
 
 import aiopg
 import psycopg2
@@ -20,55 +19,21 @@ import psycopg2.errors
 import psycopg2.extensions
 
 from streams.config import POOL_SIZE
+# What both stores share lives in streams.events; it is re-exported here (the "as" form), so
+# that the callers of this module import it from here as before.
+from streams.events import AccessDenied as AccessDenied
+from streams.events import BatchResult as BatchResult
+from streams.events import DeadLetter as DeadLetter
+from streams.events import Event as Event
+from streams.events import EventStore as EventStore
+from streams.events import Listener as Listener
+from streams.events import RefusedByDatabase as RefusedByDatabase
+from streams.events import StatementTimedOut as StatementTimedOut
+from streams.events import StoreUnavailable as StoreUnavailable
 from streams.pg_hosts import is_multi_host, pin_host
 from streams.validation import Accepted
 
 EVENT_TYPE: Final = "OrderPlaced"
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Event:
-    """One entry of the log: its place in the replay order, its order_uid and the order as JSON."""
-
-    seq: int
-    order_uid: str
-    payload: bytes
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A refused message as received, why it was refused, and where it came from if known."""
-
-    raw: bytes
-    reason: str
-    source: str | None = None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class BatchResult:
-    """What one committed batch did: new events in seq order, the uids that were not new, and
-    the messages dead-lettered. ``previous_seq`` is the log's last seq just before the new
-    events (0 when nothing was stored): a view at that seq can take them as they are."""
-
-    stored: list[Event]
-    duplicates: list[str]
-    conflicts: list[str]
-    dead_lettered: list[DeadLetter]
-    previous_seq: int = 0
-
-
-class StoreUnavailable(Exception):
-    """The database could not be reached or lost the connection: the batch may be retried."""
-
-
-class StatementTimedOut(StoreUnavailable):
-    """PostgreSQL ended a statement that ran past the timeout (and with it the transaction and
-    its append lock): a smaller batch may pass, the same one again may not."""
-
-
-class AccessDenied(StoreUnavailable):
-    """PostgreSQL refuses this role a privilege it needs: retried, since an operator may grant
-    it, but nothing passes until then."""
 
 
 class SchemaError(Exception):
@@ -81,24 +46,6 @@ class SchemaMissing(SchemaError):
 
 class SchemaUnsafe(SchemaError):
     """The tables are there, but set up in a way that would break the log's promises."""
-
-
-class RefusedByDatabase(Exception):
-    """The database refused the data itself: retrying the same batch would fail again."""
-
-
-class EventStore(Protocol):
-    """What the agent, the view and the replay command need from a store."""
-
-    async def write_batch(
-        self, orders: Sequence[Accepted], rejects: Sequence[DeadLetter]
-    ) -> BatchResult: ...
-
-    def read_pages(self, after: int, page_size: int) -> AsyncGenerator[list[Event], None]: ...
-
-    async def head(self) -> int: ...
-
-    async def listen(self) -> Listener: ...
 
 
 # Writers take this lock until commit; readers never wait for it. Without it two
@@ -454,7 +401,7 @@ class PostgresEventStore:
             if isinstance(translated, StoreUnavailable):
                 self._connection_failed()
             raise translated from exc
-        listener = Listener(conn, self.writer_id)
+        listener = PostgresListener(conn, self.writer_id)
         try:
             async with conn.cursor() as cur:
                 await cur.execute(f"LISTEN {NOTIFY_CHANNEL}")
@@ -481,7 +428,7 @@ class PostgresEventStore:
         return self._pool
 
 
-class Listener:
+class PostgresListener:
     """Wake-ups from a LISTEN connection when another writer commits.
 
     A notification says only that something may have changed: any role that can connect may

@@ -1,18 +1,22 @@
-"""The agent's batch work against a real PostgreSQL: commit, then project, then settle."""
+"""The agent's batch work: commit, then project, then settle. Against a real PostgreSQL, and,
+for the paths a fault on demand reaches faster, against the in-memory store."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import orjson
 
 from streams.agent import BatchProcessor
 from streams.envelope import Envelope, Outcome
-from streams.follower import ViewFollower
-from streams.store import PostgresEventStore
+from streams.memory_store import InMemoryEventStore
+from streams.store import AccessDenied, PostgresEventStore, StatementTimedOut, StoreUnavailable
+from streams.validation import Accepted
 from tests.database import DatabaseSwitch
 from tests.orders import new_uid, order_bytes
+from tests.worker import eventually
+from streams.follower import ViewFollower
 from views.view import OrdersView
 
 
@@ -189,3 +193,98 @@ async def test_a_submit_cancelled_while_waiting_fails_its_batch_only(
     await asyncio.wait_for(settled(second), timeout=30)
     assert outcomes(first) == outcomes(second) == [Outcome.STORED]
     assert len(await store.read_events(0, 10)) == 3
+
+
+def in_memory() -> tuple[InMemoryEventStore, BatchProcessor]:
+    """An in-memory store and a processor on it, with a view of its own."""
+    store = InMemoryEventStore()
+    return store, BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
+
+
+async def log_uids(store: InMemoryEventStore) -> list[str]:
+    return [event.order_uid for event in await store.read_events(0, 1000)]
+
+
+async def test_a_slow_order_is_split_off_and_the_batch_behind_it_settles_after_it() -> None:
+    """An insert past the statement timeout: the batch is split until the slow order is alone,
+    the rest of it and the next batch are committed meanwhile, and nothing settles before the
+    slow order does, which is retried until it passes and lands last in the log."""
+    store, processor = in_memory()
+    slow, *fast = [new_uid() for _ in range(4)]
+
+    def holds_the_slow_order(orders: Sequence[Accepted], _: object) -> bool:
+        return any(order.order_uid == slow for order in orders)
+
+    timeout = StatementTimedOut("PostgreSQL: canceling statement due to statement timeout")
+    store.fail_writes(timeout, times=None, when=holds_the_slow_order)
+    first = envelopes(*(order_bytes(uid) for uid in (fast[0], slow, *fast[1:])))
+    later = new_uid()
+    second = envelopes(order_bytes(later))
+    await processor.submit(first)
+    await processor.submit(second)
+
+    async def the_rest_committed() -> bool:
+        return {*fast, later} <= set(await log_uids(store))
+
+    await eventually(the_rest_committed, "every order but the slow one committed", timeout=10)
+    assert [slow] in store.writes, "the slow order was tried alone"
+    assert outcomes(first) == [None] * 4 and outcomes(second) == [None]
+    assert processor.problem is not None and "timeout" in processor.problem
+    store.clear_faults()
+    await asyncio.wait_for(processor.drain(), timeout=30)
+    assert outcomes(first) == [Outcome.STORED] * 4 and outcomes(second) == [Outcome.STORED]
+    assert (await log_uids(store))[-1] == slow
+    assert processor.problem is None
+    assert set(processor.view) == {slow, later, *fast}
+
+
+async def test_a_commit_whose_reply_was_lost_settles_as_committed_on_the_retry() -> None:
+    """The connection drops while COMMIT is under way and the batch is in after all: the retry
+    finds its orders in the log (duplicates, the view reads them from there), its reject is
+    known by its source and kept once, and every message is settled as committed."""
+    store, processor = in_memory()
+    uids = [new_uid(), new_uid()]
+    lost = StoreUnavailable("PostgreSQL: COMMIT not confirmed (no answer)")
+    store.fail_writes(lost, after_commit=True)
+    batch = envelopes(*(order_bytes(uid) for uid in uids), b"{oops")
+    await asyncio.wait_for(processor.process(batch), timeout=30)
+    assert outcomes(batch) == [Outcome.DUPLICATE, Outcome.DUPLICATE, Outcome.REJECTED]
+    assert len(store.writes) == 2
+    assert set(processor.view) == set(uids) == set(await log_uids(store))
+    assert [letter.source for letter in store.log.dead_letters] == ["test:2"]
+    assert processor.problem is None
+
+
+async def test_a_denied_privilege_stalls_the_agent_until_granted() -> None:
+    """While the role may not insert, nothing is settled and the processor's problem (what
+    /readyz reports) says why; once granted, the batch commits and the problem clears."""
+    store, processor = in_memory()
+    denied = AccessDenied("PostgreSQL: permission denied for table orders_events")
+    store.fail_writes(denied, times=None)
+    batch = envelopes(order_bytes(new_uid()))
+    processing = asyncio.create_task(processor.process(batch))
+
+    async def stalled() -> bool:
+        return processor.problem is not None
+
+    await eventually(stalled, "the processor reports the refusal", timeout=10)
+    assert processor.problem == "PostgreSQL refuses the service's role: permission denied"
+    assert outcomes(batch) == [None]
+    store.clear_faults()
+    await asyncio.wait_for(processing, timeout=30)
+    assert outcomes(batch) == [Outcome.STORED]
+    assert processor.problem is None
+
+
+async def test_a_failure_that_is_no_outage_fails_its_batch_and_the_next_goes_on() -> None:
+    """An error the store does not name (a bug) is not retried: the batch is failed, so that
+    NATS delivers it again, and the agent takes the next batch."""
+    store, processor = in_memory()
+    store.fail_writes(RuntimeError("a bug"))
+    failed = envelopes(order_bytes(new_uid()))
+    await processor.process(failed)
+    assert outcomes(failed) == [Outcome.FAILED]
+    assert await log_uids(store) == []
+    redelivered = envelopes(*failed[0].raws)
+    await processor.process(redelivered)
+    assert outcomes(redelivered) == [Outcome.STORED]

@@ -1,14 +1,23 @@
-"""Every worker's view follows the log, whoever wrote to it (real PostgreSQL)."""
+"""Every worker's view follows the log, whoever wrote to it: on a real PostgreSQL, and, for
+the paths a fault on demand reaches faster, on the in-memory store."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
 
 from streams.follower import ViewFollower
-from streams.store import BatchResult, Listener, PostgresEventStore, StoreUnavailable
+from streams.memory_store import InMemoryEventStore
+from streams.store import (
+    BatchResult,
+    EventStore,
+    Listener,
+    PostgresEventStore,
+    StoreUnavailable,
+)
 from streams.validation import Accepted
 from tests.database import DatabaseSwitch
 from tests.orders import new_uid, order_bytes
@@ -16,7 +25,7 @@ from tests.worker import eventually
 from views.view import OrdersView
 
 
-async def commit(follower: ViewFollower, store: PostgresEventStore, count: int) -> BatchResult:
+async def commit(follower: ViewFollower, store: EventStore, count: int) -> BatchResult:
     """Write ``count`` new orders and apply them, as the agent does."""
     result = await store.write_batch(accepted(count), [])
     await follower.apply(result)
@@ -195,3 +204,70 @@ async def test_own_events_read_back_first_are_served_as_published(
     assert follower.view[uid] != orders[0].payload, "read back as PostgreSQL gives it"
     await follower.apply(result)
     assert follower.view[uid] == orders[0].payload
+
+
+@contextlib.asynccontextmanager
+async def following(follower: ViewFollower, poll_s: float) -> AsyncIterator[None]:
+    """The follower's follow() running for the block, cancelled after it."""
+    task = asyncio.create_task(follower.follow(poll_s))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def view_holds(follower: ViewFollower, store: InMemoryEventStore, what: str) -> None:
+    """Wait until the follower's view holds the whole log, in log order (looked at in the log
+    itself, past the store's faults)."""
+
+    async def caught_up() -> bool:
+        return list(follower.view) == [event.order_uid for event in store.log.events]
+
+    await eventually(caught_up, what, timeout=10)
+
+
+async def test_a_view_behind_reads_the_gap_before_its_own_batch_in_memory() -> None:
+    """Other writers' commits between the view and our batch are read from the log, across
+    pages, before our batch goes in: the view never jumps over them."""
+    store = InMemoryEventStore()
+    other = store.another_writer()
+    follower = ViewFollower(OrdersView(), store, page_size=2)
+    await commit(follower, store, 1)
+    theirs = [await other.write_batch(accepted(2), []) for _ in range(3)]
+    ours = await commit(follower, store, 2)
+    assert ours.previous_seq == theirs[-1].stored[-1].seq
+    assert list(follower.view) == [e.order_uid for e in await store.read_events(0, 100)]
+    assert follower.head == ours.stored[-1].seq and follower.lag == 0
+
+
+async def test_a_gap_that_cannot_be_read_is_caught_up_by_the_next_poll() -> None:
+    """apply() cannot read the gap (the database away): it leaves the view behind with the
+    lag visible, and follow()'s poll, seeing the lag, catches up once reads pass again."""
+    store = InMemoryEventStore()
+    other = store.another_writer()
+    follower = ViewFollower(OrdersView(), store, page_size=100)
+    await other.write_batch(accepted(2), [])
+    ours = await store.write_batch(accepted(3), [])
+    store.fail_reads(StoreUnavailable("PostgreSQL: the connection was lost"), times=3)
+    await follower.apply(ours)
+    assert len(follower.view) == 0
+    assert follower.lag == ours.stored[-1].seq
+    async with following(follower, poll_s=0.05):
+        await view_holds(follower, store, "the poll caught the view up")
+
+
+async def test_a_lost_listener_is_replaced_and_what_it_missed_is_read() -> None:
+    """The listener is lost (its connection ended): the follower listens again at once and
+    reads the commits made meanwhile, long before its next poll."""
+    store = InMemoryEventStore()
+    other = store.another_writer()
+    follower = ViewFollower(OrdersView(), store, page_size=100)
+    async with following(follower, poll_s=60):
+        await other.write_batch(accepted(2), [])
+        await view_holds(follower, store, "another writer's commit followed")
+        store.drop_listeners()
+        await other.write_batch(accepted(3), [])
+        await view_holds(follower, store, "the commit made while the listener was lost")
+    assert len(follower.view) == 5
