@@ -19,6 +19,7 @@ import psycopg2.errors
 import psycopg2.extensions
 
 from streams.config import POOL_SIZE
+
 # What both stores share lives in streams.events; it is re-exported here (the "as" form), so
 # that the callers of this module import it from here as before.
 from streams.events import AccessDenied as AccessDenied

@@ -10,13 +10,13 @@ import orjson
 
 from streams.agent import BatchProcessor
 from streams.envelope import Envelope, Outcome
+from streams.follower import ViewFollower
 from streams.memory_store import InMemoryEventStore
 from streams.store import AccessDenied, PostgresEventStore, StatementTimedOut, StoreUnavailable
 from streams.validation import Accepted
 from tests.database import DatabaseSwitch
 from tests.orders import new_uid, order_bytes
 from tests.worker import eventually
-from streams.follower import ViewFollower
 from views.view import OrdersView
 
 
@@ -220,8 +220,8 @@ async def test_a_slow_order_is_split_off_and_the_batch_behind_it_settles_after_i
     first = envelopes(*(order_bytes(uid) for uid in (fast[0], slow, *fast[1:])))
     later = new_uid()
     second = envelopes(order_bytes(later))
-    await processor.submit(first)
-    await processor.submit(second)
+    await processor.start_commit(first)
+    await processor.start_commit(second)
 
     async def the_rest_committed() -> bool:
         return {*fast, later} <= set(await log_uids(store))
@@ -231,7 +231,7 @@ async def test_a_slow_order_is_split_off_and_the_batch_behind_it_settles_after_i
     assert outcomes(first) == [None] * 4 and outcomes(second) == [None]
     assert processor.problem is not None and "timeout" in processor.problem
     store.clear_faults()
-    await asyncio.wait_for(processor.drain(), timeout=30)
+    await asyncio.wait_for(settled(second), timeout=30)
     assert outcomes(first) == [Outcome.STORED] * 4 and outcomes(second) == [Outcome.STORED]
     assert (await log_uids(store))[-1] == slow
     assert processor.problem is None
@@ -247,7 +247,7 @@ async def test_a_commit_whose_reply_was_lost_settles_as_committed_on_the_retry()
     lost = StoreUnavailable("PostgreSQL: COMMIT not confirmed (no answer)")
     store.fail_writes(lost, after_commit=True)
     batch = envelopes(*(order_bytes(uid) for uid in uids), b"{oops")
-    await asyncio.wait_for(processor.process(batch), timeout=30)
+    await asyncio.wait_for(process(processor, batch), timeout=30)
     assert outcomes(batch) == [Outcome.DUPLICATE, Outcome.DUPLICATE, Outcome.REJECTED]
     assert len(store.writes) == 2
     assert set(processor.view) == set(uids) == set(await log_uids(store))
@@ -262,7 +262,7 @@ async def test_a_denied_privilege_stalls_the_agent_until_granted() -> None:
     denied = AccessDenied("PostgreSQL: permission denied for table orders_events")
     store.fail_writes(denied, times=None)
     batch = envelopes(order_bytes(new_uid()))
-    processing = asyncio.create_task(processor.process(batch))
+    processing = asyncio.create_task(process(processor, batch))
 
     async def stalled() -> bool:
         return processor.problem is not None
@@ -282,9 +282,9 @@ async def test_a_failure_that_is_no_outage_fails_its_batch_and_the_next_goes_on(
     store, processor = in_memory()
     store.fail_writes(RuntimeError("a bug"))
     failed = envelopes(order_bytes(new_uid()))
-    await processor.process(failed)
+    await process(processor, failed)
     assert outcomes(failed) == [Outcome.FAILED]
     assert await log_uids(store) == []
     redelivered = envelopes(*failed[0].raws)
-    await processor.process(redelivered)
+    await process(processor, redelivered)
     assert outcomes(redelivered) == [Outcome.STORED]

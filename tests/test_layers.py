@@ -37,6 +37,8 @@ LAYERS: dict[str, int] = {
     "streams.envelope": BLOCKS,
     "streams.validation": BLOCKS,
     "streams.store": BLOCKS,
+    "streams.events": BLOCKS,
+    "streams.memory_store": BLOCKS,
     "streams.pg_hosts": BLOCKS,
     "streams.metrics": BLOCKS,
     "streams.logs": BLOCKS,
