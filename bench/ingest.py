@@ -1,7 +1,8 @@
 """Ingest: N unique orders published as fast as JetStream takes them to a running worker, timed
 from the first publish until the last order is committed and served; beside it, the ceiling of
 the database write itself: the same payloads appended by a bare aiopg script in batches of
-1,000, with the service's own statements (``_APPEND``, then the NOTIFY) in one transaction each.
+1,000, with the service's own statements (``APPEND_SQL``, then ``NOTIFY_SQL`` with the store's
+``commit_notice``) in one transaction each.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from bench.servers import (
 )
 from publisher.messages import Message
 from publisher.publish import publish
-from streams.store import _APPEND, _NOTIFY, EVENT_TYPE, NOTIFY_CHANNEL
+from streams.store import APPEND_SQL, EVENT_TYPE, NOTIFY_CHANNEL, NOTIFY_SQL, commit_notice
 
 CEILING_BATCH: Final = 1_000
+# Who the ceiling's notifications say committed (no store listens to them here).
+CEILING_WRITER: Final = "ceiling"
 SEED: Final = 1001
 SAMPLE_EVERY: Final = 100
 
@@ -46,9 +49,10 @@ async def ceiling(dsn: str, messages: list[Message], batch: int = CEILING_BATCH)
             uids = [message.uid for message in chunk]
             texts = [message.data.decode() for message in chunk]
             await cur.execute("BEGIN")
-            await cur.execute(_APPEND, (EVENT_TYPE, uids, texts))
+            await cur.execute(APPEND_SQL, (EVENT_TYPE, uids, texts))
             rows = await cur.fetchall()
-            await cur.execute(_NOTIFY, (NOTIFY_CHANNEL, str(max(row[0] for row in rows))))
+            notice = commit_notice(max(row[0] for row in rows), CEILING_WRITER)
+            await cur.execute(NOTIFY_SQL, (NOTIFY_CHANNEL, notice))
             await cur.execute("COMMIT")
         elapsed = time.perf_counter() - started
         cur.close()

@@ -1,6 +1,6 @@
 """Boot replay and memory: events loaded straight into ``orders_events`` with SQL, then a worker
 timed from process start until /readyz answers 200, beside a bare aiopg script that reads the
-same rows in keyset pages of the service's size (with the store's own ``_READ`` statement).
+same rows in keyset pages of the service's size (with the store's own ``READ_SQL`` statement).
 Memory: the worker's RSS with every order in the view minus its RSS on an empty database,
 beside the total size of the payloads as text."""
 
@@ -24,7 +24,7 @@ from bench.servers import (
     scratch_dir,
 )
 from streams.config import Settings
-from streams.store import _READ
+from streams.store import READ_SQL
 
 PAGE_SIZE: Final = Settings().replay_page_size
 SETTLE_S: Final = 2.0
@@ -44,7 +44,7 @@ async def ceiling(dsn: str, page_size: int = PAGE_SIZE, *, keep: bool = False) -
         started = time.perf_counter()
         last, rows = 0, 0
         while True:
-            await cur.execute(_READ, (last, page_size))
+            await cur.execute(READ_SQL, (last, page_size))
             page = await cur.fetchall()
             if not page:
                 break
