@@ -17,14 +17,15 @@ import aiopg
 from bench import dataset
 from bench.context import Context
 from bench.servers import (
-    Route,
     fresh_database,
     load_average,
+    ready,
     running_worker,
     scratch_dir,
 )
 from streams.config import Settings
 from streams.store import READ_SQL
+from tests.harness import Route
 
 PAGE_SIZE: Final = Settings().replay_page_size
 SETTLE_S: Final = 2.0
@@ -65,20 +66,20 @@ async def boot(ctx: Context, dsn: str, name: str, expected: int) -> dict[str, An
     """Start a worker on ``dsn``, wait until it is ready, let it settle and measure it."""
     route = Route(ctx.servers.nats_url)
     data_dir = scratch_dir(name)
-    env = {**route.env(), "ORDERS_DATABASE_URL": dsn, **ctx.worker_env}
+    env = {**route.env(dsn), **ctx.worker_env}
     try:
         async with running_worker(data_dir, env) as worker:
             if expected:
                 ctx.profiler.start(worker.pid, name)
             try:
-                ready = await worker.wait_ready(timeout=600.0)
+                readyz = await ready(worker, timeout=600.0)
             finally:
                 ctx.profiler.stop()
-            if ready["orders"] != expected:
-                raise RuntimeError(f"the view holds {ready['orders']} orders, not {expected}")
+            if readyz["orders"] != expected:
+                raise RuntimeError(f"the view holds {readyz['orders']} orders, not {expected}")
             await asyncio.sleep(SETTLE_S)
             restored = _RESTORED.search(worker.log())
-            status = worker.status()
+            status = worker.memory()
             measured = {
                 "ready_s": worker.ready_at - worker.started_at,
                 "web_up_s": worker.answered_at - worker.started_at,

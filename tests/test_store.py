@@ -14,8 +14,8 @@ import pytest
 from streams.config import Settings
 from streams.store import DeadLetter, PostgresEventStore
 from streams.validation import Accepted
+from tests.harness import free_port
 from tests.orders import new_uid, order_bytes
-from tests.worker import free_port
 
 
 def accepted(uid: str, **changes: object) -> Accepted:
