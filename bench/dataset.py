@@ -1,5 +1,5 @@
-"""Orders for the benchmarks: published ones from the publisher's factory, and a fast SQL load
-of many events straight into ``orders_events`` for the read and replay figures."""
+"""A fast SQL load of many events straight into ``orders_events`` for the read and replay figures
+(orders to publish come from tests/orders.py, as the tests' do)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import psycopg2
 
 from bench.servers import query
 from publisher.generate import OrderFactory
-from publisher.messages import Message
 from streams.store import EVENT_TYPE
 
 LOAD_CHUNK: Final = 100_000
@@ -33,16 +32,6 @@ SELECT uid, %(event_type)s,
           FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS g) AS numbered
  ORDER BY g
 """
-
-
-def messages(count: int, seed: int) -> list[Message]:
-    """``count`` fresh, valid orders as the publisher makes them (unique uids)."""
-    factory = OrderFactory(seed=seed)
-    made = []
-    for _ in range(count):
-        order = factory.order()
-        made.append(Message(orjson.dumps(order), "order", str(order["order_uid"])))
-    return made
 
 
 def model_order() -> dict[str, Any]:

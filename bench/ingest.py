@@ -1,7 +1,8 @@
 """Ingest: N unique orders published as fast as JetStream takes them to a running worker, timed
 from the first publish until the last order is committed and served; beside it, the ceiling of
 the database write itself: the same payloads appended by a bare aiopg script in batches of
-1,000, with the service's own statements (``_APPEND``, then the NOTIFY) in one transaction each.
+1,000, with the service's own statements (``APPEND_SQL``, then ``NOTIFY_SQL`` with the store's
+``commit_notice``) in one transaction each.
 """
 
 from __future__ import annotations
@@ -19,18 +20,22 @@ import orjson
 from bench import dataset
 from bench.context import Context
 from bench.servers import (
-    Route,
-    WorkerProcess,
     fresh_database,
     load_average,
+    ready,
     running_worker,
     scratch_dir,
 )
 from publisher.messages import Message
 from publisher.publish import publish
-from streams.store import _APPEND, _NOTIFY, EVENT_TYPE, NOTIFY_CHANNEL
+from streams.store import APPEND_SQL, EVENT_TYPE, NOTIFY_CHANNEL, NOTIFY_SQL, commit_notice
+from tests.harness import Route
+from tests.orders import orders
+from tests.worker import Worker
 
 CEILING_BATCH: Final = 1_000
+# Who the ceiling's notifications say committed (no store listens to them here).
+CEILING_WRITER: Final = "ceiling"
 SEED: Final = 1001
 SAMPLE_EVERY: Final = 100
 
@@ -46,9 +51,10 @@ async def ceiling(dsn: str, messages: list[Message], batch: int = CEILING_BATCH)
             uids = [message.uid for message in chunk]
             texts = [message.data.decode() for message in chunk]
             await cur.execute("BEGIN")
-            await cur.execute(_APPEND, (EVENT_TYPE, uids, texts))
+            await cur.execute(APPEND_SQL, (EVENT_TYPE, uids, texts))
             rows = await cur.fetchall()
-            await cur.execute(_NOTIFY, (NOTIFY_CHANNEL, str(max(row[0] for row in rows))))
+            notice = commit_notice(max(row[0] for row in rows), CEILING_WRITER)
+            await cur.execute(NOTIFY_SQL, (NOTIFY_CHANNEL, notice))
             await cur.execute("COMMIT")
         elapsed = time.perf_counter() - started
         cur.close()
@@ -60,7 +66,7 @@ async def ceiling(dsn: str, messages: list[Message], batch: int = CEILING_BATCH)
     return elapsed
 
 
-async def _view_holds(worker: WorkerProcess, count: int, timeout: float) -> None:
+async def _view_holds(worker: Worker, count: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as http:
         while True:
@@ -82,9 +88,9 @@ async def service(ctx: Context, dsn: str, messages: list[Message], index: int) -
     route = Route(ctx.servers.nats_url)
     data_dir = scratch_dir("ingest")
     try:
-        env = {**route.env(), "ORDERS_DATABASE_URL": dsn, **ctx.worker_env}
+        env = {**route.env(dsn), **ctx.worker_env}
         async with running_worker(data_dir, env) as worker:
-            await worker.wait_ready()
+            await ready(worker)
             await worker.wait_logged("subscribed:")
             nc = await nats.connect(route.nats_url)
             try:
@@ -131,15 +137,10 @@ async def drain(ctx: Context, dsn: str, messages: list[Message]) -> dict[str, An
     route = Route(ctx.servers.nats_url)
     data_dir = scratch_dir("drain")
     try:
-        await route.create()
-        nc = await nats.connect(route.nats_url)
-        try:
-            await publish(nc, route.subject, messages)
-        finally:
-            await nc.close()
-        env = {**route.env(), "ORDERS_DATABASE_URL": dsn, **ctx.worker_env}
+        await route.send(messages)
+        env = {**route.env(dsn), **ctx.worker_env}
         async with running_worker(data_dir, env) as worker:
-            await worker.wait_ready()
+            await ready(worker)
             await _view_holds(worker, len(messages), timeout=600.0)
             elapsed = time.perf_counter() - worker.ready_at
     finally:
@@ -148,7 +149,7 @@ async def drain(ctx: Context, dsn: str, messages: list[Message]) -> dict[str, An
     return {"drain_seconds": elapsed, "drain_orders_per_s": len(messages) / elapsed}
 
 
-async def _served_as_published(worker: WorkerProcess, sample: list[Message]) -> float:
+async def _served_as_published(worker: Worker, sample: list[Message]) -> float:
     """The share of ``sample`` served byte for byte as published (the rest is served as
     PostgreSQL's jsonb text: the view read it back from the log instead of projecting it)."""
     same = 0
@@ -170,7 +171,7 @@ async def _get(url: str) -> tuple[int, bytes]:
 async def run(ctx: Context) -> dict[str, Any]:
     count = ctx.sizes.ingest_orders
     ctx.say(f"ingest: generating {count} orders")
-    messages = dataset.messages(count, seed=SEED)
+    messages = orders(count, seed=SEED)
     mean_bytes = sum(len(message.data) for message in messages) / count
     runs = []
     for index in range(ctx.runs):

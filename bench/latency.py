@@ -14,19 +14,20 @@ import aiohttp
 import nats
 from nats.js.client import JetStreamContext
 
-from bench import dataset
 from bench.context import Context
 from bench.servers import (
-    Route,
-    WorkerProcess,
     fresh_database,
     load_average,
+    ready,
     running_worker,
     scratch_dir,
 )
 from bench.stats import percentile
 from publisher.messages import Message
 from publisher.publish import publish
+from tests.harness import Route
+from tests.orders import orders
+from tests.worker import Worker
 
 SEED: Final = 2002
 POLL_EVERY_S: Final = 0.001
@@ -35,7 +36,7 @@ BACKLOG_EVERY_S: Final = 0.1
 
 
 async def measure(
-    worker: WorkerProcess, route: Route, messages: list[Message], rate: int, every: int
+    worker: Worker, route: Route, messages: list[Message], rate: int, every: int
 ) -> dict[str, Any]:
     sampled = {str(message.uid) for message in messages[::every]}
     sent: dict[str, float] = {}
@@ -135,7 +136,7 @@ async def run(ctx: Context) -> dict[str, Any]:
     sizes = ctx.sizes
     count = sizes.latency_rate * sizes.latency_seconds
     ctx.say(f"latency: generating {count} orders")
-    messages = dataset.messages(count, seed=SEED)
+    messages = orders(count, seed=SEED)
     runs = []
     for index in range(ctx.runs):
         load_before = load_average()
@@ -144,9 +145,9 @@ async def run(ctx: Context) -> dict[str, Any]:
         data_dir = scratch_dir("latency")
         try:
             with fresh_database(ctx.servers.admin_url) as dsn:
-                env = {**route.env(), "ORDERS_DATABASE_URL": dsn, **ctx.worker_env}
+                env = {**route.env(dsn), **ctx.worker_env}
                 async with running_worker(data_dir, env) as worker:
-                    await worker.wait_ready()
+                    await ready(worker)
                     await worker.wait_logged("subscribed:")
                     ctx.profiler.start(worker.pid, f"latency-{index + 1}")
                     try:

@@ -17,6 +17,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from tests.harness import end_process
+
 _FRAME = re.compile(r"^(?P<function>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -67,13 +69,7 @@ class Profiler:
         process, self._process = self._process, None
         if process is None:
             return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        end_process(process, signal.SIGINT, 30.0)
         return self._path
 
 

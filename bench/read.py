@@ -23,13 +23,13 @@ from bench import dataset
 from bench.context import Context
 from bench.servers import (
     ROOT,
-    Route,
-    free_port,
     fresh_database,
     load_average,
+    ready,
     running_worker,
     scratch_dir,
 )
+from tests.harness import Route, end_process, free_port
 
 SERVER_CPU: Final = "0"
 CLIENT_CPU: Final = "1"
@@ -203,12 +203,7 @@ async def bare_server(dsn: str, log_path: Path) -> AsyncIterator[str]:
                 await asyncio.sleep(0.05)
         yield base
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        end_process(process)
 
 
 async def _get(url: str) -> tuple[int, bytes]:
@@ -230,11 +225,11 @@ async def run(ctx: Context) -> dict[str, Any]:
             uids = dataset.uids(dsn)
             uid_file = scratch / "uids.txt"
             uid_file.write_text("\n".join(uids) + "\n")
-            env = {**route.env(), "ORDERS_DATABASE_URL": dsn, **ctx.worker_env}
+            env = {**route.env(dsn), **ctx.worker_env}
             async with running_worker(scratch / "worker", env, cpus=SERVER_CPU) as worker:
-                ready = await worker.wait_ready()
-                if ready["orders"] != count:
-                    raise RuntimeError(f"the worker's view holds {ready['orders']} orders")
+                readyz = await ready(worker)
+                if readyz["orders"] != count:
+                    raise RuntimeError(f"the worker's view holds {readyz['orders']} orders")
                 async with bare_server(dsn, scratch / "bare.log") as bare:
                     for uid in (uids[0], uids[-1]):
                         served = await _get(f"{worker.base}/orders/{uid}")

@@ -1,6 +1,6 @@
 """Boot replay and memory: events loaded straight into ``orders_events`` with SQL, then a worker
 timed from process start until /readyz answers 200, beside a bare aiopg script that reads the
-same rows in keyset pages of the service's size (with the store's own ``_READ`` statement).
+same rows in keyset pages of the service's size (with the store's own ``READ_SQL`` statement).
 Memory: the worker's RSS with every order in the view minus its RSS on an empty database,
 beside the total size of the payloads as text."""
 
@@ -17,14 +17,15 @@ import aiopg
 from bench import dataset
 from bench.context import Context
 from bench.servers import (
-    Route,
     fresh_database,
     load_average,
+    ready,
     running_worker,
     scratch_dir,
 )
 from streams.config import Settings
-from streams.store import _READ
+from streams.store import READ_SQL
+from tests.harness import Route
 
 PAGE_SIZE: Final = Settings().replay_page_size
 SETTLE_S: Final = 2.0
@@ -44,7 +45,7 @@ async def ceiling(dsn: str, page_size: int = PAGE_SIZE, *, keep: bool = False) -
         started = time.perf_counter()
         last, rows = 0, 0
         while True:
-            await cur.execute(_READ, (last, page_size))
+            await cur.execute(READ_SQL, (last, page_size))
             page = await cur.fetchall()
             if not page:
                 break
@@ -65,20 +66,20 @@ async def boot(ctx: Context, dsn: str, name: str, expected: int) -> dict[str, An
     """Start a worker on ``dsn``, wait until it is ready, let it settle and measure it."""
     route = Route(ctx.servers.nats_url)
     data_dir = scratch_dir(name)
-    env = {**route.env(), "ORDERS_DATABASE_URL": dsn, **ctx.worker_env}
+    env = {**route.env(dsn), **ctx.worker_env}
     try:
         async with running_worker(data_dir, env) as worker:
             if expected:
                 ctx.profiler.start(worker.pid, name)
             try:
-                ready = await worker.wait_ready(timeout=600.0)
+                readyz = await ready(worker, timeout=600.0)
             finally:
                 ctx.profiler.stop()
-            if ready["orders"] != expected:
-                raise RuntimeError(f"the view holds {ready['orders']} orders, not {expected}")
+            if readyz["orders"] != expected:
+                raise RuntimeError(f"the view holds {readyz['orders']} orders, not {expected}")
             await asyncio.sleep(SETTLE_S)
             restored = _RESTORED.search(worker.log())
-            status = worker.status()
+            status = worker.memory()
             measured = {
                 "ready_s": worker.ready_at - worker.started_at,
                 "web_up_s": worker.answered_at - worker.started_at,

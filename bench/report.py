@@ -225,7 +225,7 @@ def _figure_sections(figures: dict[str, Any]) -> list[str]:
             "",
             "Ceiling: a bare aiopg script appends the same payloads to the same (fresh) table in"
             f" batches of {params['ceiling_batch']:,}, one transaction each, with the store's own"
-            " statements: `streams.store._APPEND` (imported, not copied) and `_NOTIFY`.",
+            " statements: `streams.store.APPEND_SQL` (imported, not copied) and `NOTIFY_SQL`.",
             "",
             _runs_table(
                 figure["runs"],
@@ -352,7 +352,7 @@ def _figure_sections(figures: dict[str, Any]) -> list[str]:
             " (`view restored: … in X s`).",
             "",
             "Ceiling: a bare aiopg script reads every row with the store's own keyset statement"
-            f" (`streams.store._READ`: `seq, order_uid, payload::text`), {params['page_size']:,}"
+            f" (`streams.store.READ_SQL`: `seq, order_uid, payload::text`), {params['page_size']:,}"
             " rows a page (the service's `ORDERS_REPLAY_PAGE_SIZE` default), and keeps nothing."
             " Ratio = ceiling ÷ ready time (restore ratio: ceiling ÷ restore). For the analysis"
             ' only, "ceiling, keeping" is the same loop that also keeps every order in a dict'

@@ -22,16 +22,18 @@ import nats
 from bench import dataset
 from bench.read import wrk
 from bench.servers import (
-    Route,
     Servers,
     fresh_database,
     load_average,
+    ready,
     running_worker,
     scratch_dir,
 )
 from bench.stats import percentile, spread
 from publisher.messages import Message
 from publisher.publish import publish
+from tests.harness import Route
+from tests.orders import orders
 
 LUA: Final = Path(__file__).resolve().parent / "read.lua"
 POLL_EVERY_S: Final = 0.001
@@ -48,14 +50,14 @@ def _wrk(cpu: str, base: str, seconds: int, connections: int, uid_file: Path) ->
     ]
 
 
-async def read_scaling(servers: Servers, orders: int, seconds: int) -> dict[str, Any]:
+async def read_scaling(servers: Servers, count: int, seconds: int) -> dict[str, Any]:
     """Requests per second with one worker (core 0, wrk on core 1), then with two workers on
     cores 0 and 1, each loaded by its own wrk on the same core as the other worker: the load
     generator takes CPU from the servers, which is what running it on the same machine costs."""
     data_dir = scratch_dir("scale-read")
     try:
         with fresh_database(servers.admin_url) as dsn:
-            dataset.load_events(dsn, orders)
+            dataset.load_events(dsn, count)
             uid_file = data_dir / "uids.txt"
             uid_file.write_text("\n".join(dataset.uids(dsn)) + "\n")
             env = {"ORDERS_DATABASE_URL": dsn, "ORDERS_CONSUME": "false"}
@@ -63,8 +65,8 @@ async def read_scaling(servers: Servers, orders: int, seconds: int) -> dict[str,
                 running_worker(data_dir / "a", env, cpus="0") as first,
                 running_worker(data_dir / "b", env, cpus="1") as second,
             ):
-                await first.wait_ready()
-                await second.wait_ready()
+                await ready(first)
+                await ready(second)
                 await wrk(_wrk("1", first.base, 1, 64, uid_file))  # warm-up
                 await wrk(_wrk("0", second.base, 1, 64, uid_file))
                 one = await wrk(_wrk("1", first.base, seconds, 64, uid_file))
@@ -91,17 +93,17 @@ async def follow_latency(servers: Servers, count: int, rate: int) -> dict[str, A
     B serving it, both polled every millisecond from the PubAck on."""
     route = Route(servers.nats_url)
     data_dir = scratch_dir("scale-follow")
-    messages = dataset.messages(count, seed=71)
+    messages = orders(count, seed=71)
     lags: list[float] = []
     try:
         with fresh_database(servers.admin_url) as dsn:
-            env = {**route.env(), "ORDERS_DATABASE_URL": dsn}
+            env = route.env(dsn)
             async with (
                 running_worker(data_dir / "a", env) as writer,
                 running_worker(data_dir / "b", {**env, "ORDERS_CONSUME": "false"}) as follower,
             ):
-                await writer.wait_ready()
-                await follower.wait_ready()
+                await ready(writer)
+                await ready(follower)
                 await writer.wait_logged("subscribed:")
                 lags = await _measure_views(
                     [writer.base, follower.base],
@@ -132,18 +134,18 @@ async def views_under_load(
     take in the other's orders while its own batches keep coming."""
     route = Route(servers.nats_url)
     data_dir = scratch_dir("scale-load")
-    messages = dataset.messages(int(rate * seconds), seed=73)
+    messages = orders(int(rate * seconds), seed=73)
     lags: list[float] = []
     try:
         with fresh_database(servers.admin_url) as dsn:
-            env = {**route.env(), "ORDERS_DATABASE_URL": dsn}
+            env = route.env(dsn)
             async with (
                 running_worker(data_dir / "a", env) as first,
                 running_worker(data_dir / "b", env) as second,
                 running_worker(data_dir / "r", {**env, "ORDERS_CONSUME": "false"}) as replica,
             ):
                 for worker in (first, second, replica):
-                    await worker.wait_ready()
+                    await ready(worker)
                 await first.wait_logged("subscribed:")
                 await second.wait_logged("subscribed:")
                 bases = [first.base, second.base, replica.base]
@@ -209,7 +211,7 @@ async def _measure_views(
 
 
 async def main(smoke: bool, runs: int, output: Path) -> None:
-    orders, seconds, follow_count, follow_rate = (
+    read_count, seconds, follow_count, follow_rate = (
         (2_000, 2, 200, 200) if smoke else (100_000, 10, 10_000, 1_000)
     )
     load_rate, load_seconds = (500, 2.0) if smoke else (LOAD_RATE, 20.0)
@@ -217,7 +219,7 @@ async def main(smoke: bool, runs: int, output: Path) -> None:
     with Servers(None, None) as servers:
         for _ in range(runs):
             results["load"].append(load_average()[0])
-            results["reads"].append(await read_scaling(servers, orders, seconds))
+            results["reads"].append(await read_scaling(servers, read_count, seconds))
             results["follow"].append(await follow_latency(servers, follow_count, follow_rate))
             results["under_load"].append(
                 await views_under_load(servers, load_rate, load_seconds, sample_every=50)

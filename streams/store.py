@@ -60,7 +60,7 @@ class SchemaUnsafe(SchemaError):
 # the lock, before the lock is granted, and the head read after it would miss rows committed
 # meanwhile.
 APPEND_LOCK_KEY: Final = 0x0DE26
-_APPEND: Final = f"""
+APPEND_SQL: Final = f"""
 SELECT pg_advisory_xact_lock({APPEND_LOCK_KEY});
 INSERT INTO orders_events (order_uid, event_type, payload)
 SELECT uid, %s, payload::jsonb
@@ -81,7 +81,7 @@ SELECT seqcache, seqincrement FROM pg_sequence
 """
 
 NOTIFY_CHANNEL: Final = "orders_events"
-_NOTIFY: Final = "SELECT pg_notify(%s, %s)"
+NOTIFY_SQL: Final = "SELECT pg_notify(%s, %s)"
 _HEAD: Final = "SELECT coalesce(max(seq), 0) FROM orders_events"
 
 _CONFLICTS: Final = """
@@ -100,7 +100,7 @@ SELECT raw, reason, source
     ON CONFLICT (source, sha256(raw)) DO NOTHING
 """
 
-_READ: Final = """
+READ_SQL: Final = """
 SELECT seq, order_uid, payload::text FROM orders_events WHERE seq > %s ORDER BY seq LIMIT %s
 """
 
@@ -298,7 +298,7 @@ class PostgresEventStore:
             if orders:
                 uids = [order.order_uid for order in orders]
                 texts = [order.payload.decode() for order in orders]
-                await cur.execute(_APPEND, (EVENT_TYPE, uids, texts))
+                await cur.execute(APPEND_SQL, (EVENT_TYPE, uids, texts))
                 new_seqs: dict[str, int] = {}
                 for seq, uid, previous in await cur.fetchall():
                     new_seqs[uid] = seq
@@ -312,8 +312,8 @@ class PostgresEventStore:
                 stored.sort(key=_by_seq)
             if stored:
                 # Delivered on commit; followers then read the tail of the log.
-                notice = f"{stored[-1].seq} {self.writer_id}"
-                await cur.execute(_NOTIFY, (NOTIFY_CHANNEL, notice))
+                notice = commit_notice(stored[-1].seq, self.writer_id)
+                await cur.execute(NOTIFY_SQL, (NOTIFY_CHANNEL, notice))
             if duplicates:
                 await cur.execute(
                     _CONFLICTS,
@@ -345,7 +345,7 @@ class PostgresEventStore:
         at the log for operators' commands and tests; the view reads with :meth:`read_pages`."""
         async with self._cursor() as cur:
             _text_as_bytes(cur)
-            await cur.execute(_READ, (after, limit))
+            await cur.execute(READ_SQL, (after, limit))
             return _events(await cur.fetchall())
 
     async def read_pages(self, after: int, page_size: int) -> AsyncGenerator[list[Event], None]:
@@ -361,14 +361,14 @@ class PostgresEventStore:
         async with self._cursor() as current, self._cursor() as spare:
             _text_as_bytes(current)
             _text_as_bytes(spare)
-            await current.execute(_READ, (after, page_size))
+            await current.execute(READ_SQL, (after, page_size))
             while count := current.rowcount:
                 asking: asyncio.Future[None] | None = None
                 if count == page_size:
                     await current.scroll(count - 1, mode="absolute")
                     (last_seq, _, _) = await current.fetchone()
                     await current.scroll(0, mode="absolute")
-                    asking = asyncio.ensure_future(spare.execute(_READ, (last_seq, page_size)))
+                    asking = asyncio.ensure_future(spare.execute(READ_SQL, (last_seq, page_size)))
                     await asyncio.sleep(0)  # the query goes out on the task's first step
                 try:
                     yield _events(await current.fetchall())
@@ -474,8 +474,14 @@ class PostgresListener:
         await self._conn.close()
 
 
+def commit_notice(last_seq: int, writer_id: str) -> str:
+    """The payload of the notification a commit sends on NOTIFY_CHANNEL: "<seq> <writer>"; the
+    seq is for people reading the traffic, the writer lets a store leave out its own."""
+    return f"{last_seq} {writer_id}"
+
+
 def _writer(payload: str) -> str:
-    # "<seq> <writer>", as write_batch sends it; the seq is for people reading the traffic.
+    # The writer of a commit_notice payload.
     return payload.rpartition(" ")[2]
 
 

@@ -1,4 +1,4 @@
-"""What the fault-injection suite needs beside tests/worker.py and tests/flow.py: sizes, servers
+"""What the fault-injection suite needs beside tests/harness.py and tests/worker.py: sizes, servers
 of a test's own that can be stopped and started, a publisher that outlives a NATS outage, the
 audit every fault ends with, and a place for the figures.
 
@@ -14,15 +14,12 @@ import datetime
 import json
 import os
 import platform
-import shutil
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final, TypeVar
-from urllib.parse import urlsplit
 
 import aiohttp
 import nats
@@ -33,15 +30,12 @@ import psycopg2
 import pytest
 from nats.js.api import Header
 from pgserver._commands import POSTGRES_BIN_PATH
-from pgserver.postgres_server import PostgresServer, get_server
-from prometheus_client.parser import text_string_to_metric_families
-from psycopg2 import sql
 
 from bridge.jetstream import ensure_stream
 from publisher.generate import OrderFactory
 from publisher.messages import Message, generated_messages
 from streams.store import PostgresEventStore
-from tests.flow import Route
+from tests.harness import EmbeddedPostgres, Route, create_database
 from tests.worker import Worker, eventually
 
 T = TypeVar("T")
@@ -296,18 +290,6 @@ async def consumer_state(route: Route) -> ConsumerState:
     )
 
 
-async def metrics(worker: Worker) -> dict[str, float]:
-    """The worker's /metrics as ``{"name{label=value}": value}`` (labels sorted)."""
-    status, body, _ = await worker.get("/metrics")
-    assert status == 200, body[:200]
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            labels = ",".join(f"{key}={value}" for key, value in sorted(sample.labels.items()))
-            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return values
-
-
 def first_metric(values: dict[str, float], *names: str) -> float | None:
     """The first of ``names`` the worker exports (for figures that are reported, not
     asserted: a renamed metric must not fail a fault test)."""
@@ -319,12 +301,7 @@ def first_metric(values: dict[str, float], *names: str) -> float | None:
 
 def rss_mib(worker: Worker) -> float:
     """The worker's resident set size, from /proc."""
-    assert worker.process is not None
-    status = Path(f"/proc/{worker.process.pid}/status").read_text()
-    for line in status.splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS in /proc/<pid>/status")
+    return worker.memory()["VmRSS"] / 2**20
 
 
 async def orders_served(worker: Worker) -> int:
@@ -333,12 +310,6 @@ async def orders_served(worker: Worker) -> int:
     detail = orjson.loads(body)
     assert isinstance(detail, dict)
     return int(detail["orders"]) if status == 200 else -1
-
-
-def assert_alive(worker: Worker) -> None:
-    assert worker.process is not None and worker.process.poll() is None, (
-        f"the worker fell over:\n{worker.log_tail()}"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +330,7 @@ async def wait_settled(
     async def done() -> bool:
         nonlocal state
         for worker in workers:
-            assert_alive(worker)
+            worker.check_alive()
         state = await consumer_state(route)
         if not state.drained or state.last_seq < max(published.sequences, default=0):
             return False
@@ -474,31 +445,15 @@ async def _check_served(
 # Servers of a test's own
 
 
-class OwnPostgres:
-    """A PostgreSQL server (pgserver) of the tests' own, which they may stop and start again.
-
-    It listens on a Unix socket in its data directory; the URL stays the same across restarts.
-    As root, pgserver runs postgres as the system user ``pgserver``, and pg_ctl with it.
-    """
+class OwnPostgres(EmbeddedPostgres):
+    """A PostgreSQL server of the tests' own, which they may stop and start again (pg_ctl runs
+    as the server's system user); the URL stays the same across restarts."""
 
     def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="orders-chaos-pg-"))
-        self._server: PostgresServer = get_server(self.root / "pg", cleanup_mode="delete")
-        self.admin_url: str = self._server.get_uri("postgres")
-
-    def url(self, database: str) -> str:
-        parts = urlsplit(self.admin_url)
-        return parts._replace(path="/" + database).geturl()
+        super().__init__("orders-chaos")
 
     def create_database(self, name: str) -> str:
-        admin = psycopg2.connect(self.admin_url)
-        admin.autocommit = True
-        try:
-            with admin.cursor() as cur:
-                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        finally:
-            admin.close()
-        return self.url(name)
+        return create_database(self.admin_url, name)
 
     def stop(self, mode: str) -> None:
         """``pg_ctl stop -m fast`` (clients disconnected, a clean shutdown) or ``-m immediate``
@@ -506,8 +461,8 @@ class OwnPostgres:
         self._pg_ctl(["-w", "-m", mode, "stop"])
 
     def start(self) -> None:
-        self._server.ensure_postgres_running()
-        assert self._server.get_uri("postgres") == self.admin_url
+        self.server.ensure_postgres_running()
+        assert self.server.get_uri("postgres") == self.admin_url
 
     def answers(self) -> bool:
         try:
@@ -520,16 +475,15 @@ class OwnPostgres:
         with contextlib.suppress(subprocess.CalledProcessError):
             if not self.answers():
                 self.start()
-        self._server.cleanup()
-        shutil.rmtree(self.root, ignore_errors=True)
+        super().close()
 
     def _pg_ctl(self, args: list[str]) -> None:
         subprocess.run(
-            [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self._server.pgdata), *args],
+            [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.server.pgdata), *args],
             check=True,
             capture_output=True,
             timeout=60,
-            user=self._server.system_user,
+            user=self.server.system_user,
         )
 
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import shutil
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,54 +16,36 @@ import nats
 import psycopg2
 import pytest
 from nats.aio.client import Client
-from pgserver.postgres_server import get_server
 from psycopg2 import sql
 
 from bridge.embedded_nats import EmbeddedNats
 from streams.store import PostgresEventStore
 from tests.chaos_servers import Figures
 from tests.database import DatabaseSwitch
-from tests.flow import Route
-from tests.worker import free_port
+from tests.harness import EmbeddedPostgres, Route, embedded_nats, free_port, fresh_database
 
 FIXTURE = Path(__file__).resolve().parent.parent / "publisher" / "model.json"
 
 
-def with_database(url: str, name: str) -> str:
-    """The same server URL naming another database."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-
-
 @pytest.fixture(scope="session")
-def postgres_server_url() -> str:
-    """An administrative URL of the PostgreSQL server the tests use.
-
-    The embedded server lives outside pytest's temporary folders, which another pytest run
-    may prune while this one still uses them, and is deleted when the session's process ends.
-    """
+def postgres_server_url() -> Iterator[str]:
+    """An administrative URL of the PostgreSQL server the tests use."""
     configured = os.environ.get("ORDERS_TEST_DATABASE_URL")
     if configured:
-        return configured
-    server = get_server(Path(tempfile.mkdtemp(prefix="orders-test-pg-")), cleanup_mode="delete")
-    url: str = server.get_uri("postgres")
-    return url
+        yield configured
+        return
+    server = EmbeddedPostgres("orders-test")
+    try:
+        yield server.admin_url
+    finally:
+        server.close()
 
 
 @pytest.fixture
 def database_url(postgres_server_url: str) -> Iterator[str]:
     """A fresh, empty database for one test, dropped afterwards."""
-    name = f"orders_test_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(postgres_server_url)
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cur:
-            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        yield with_database(postgres_server_url, name)
-        with admin.cursor() as cur:
-            cur.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
-    finally:
-        admin.close()
+    with fresh_database(postgres_server_url) as url:
+        yield url
 
 
 @pytest.fixture
@@ -95,13 +75,8 @@ def nats_url() -> Iterator[str]:
     if configured:
         yield configured
         return
-    data_dir = Path(tempfile.mkdtemp(prefix="orders-test-nats-"))
-    server = EmbeddedNats(data_dir)
-    try:
-        yield server.start()
-    finally:
-        server.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
+    with embedded_nats("orders-test") as url:
+        yield url
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from pgserver.utils import ensure_prefix_permissions, ensure_user_exists
 
 from bridge.embedded_nats import server_binary
 from bridge.jetstream import stream_config
-from tests.worker import free_port
+from tests.harness import end_process, free_port
 
 SYSTEM_USER: Final = "pgserver"
 
@@ -334,12 +334,7 @@ class NatsNode:
         if process is None:
             return
         process.send_signal(signal.SIGCONT)
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        end_process(process)
 
 
 class NatsCluster:

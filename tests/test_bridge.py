@@ -13,9 +13,10 @@ from publisher.messages import Message
 from streams.config import redact
 from streams.store import PostgresEventStore
 from tests.database import DatabaseSwitch
-from tests.flow import Route, event_uids, logged, orders, wait_for_orders
-from tests.orders import new_uid, order_bytes, order_dict
-from tests.worker import Worker, eventually, free_port, view_size
+from tests.flow import event_uids, logged, wait_for_orders
+from tests.harness import Route, free_port
+from tests.orders import new_uid, order_bytes, order_dict, orders
+from tests.worker import Worker, eventually, view_size
 
 
 async def test_published_order_is_served_byte_for_byte(

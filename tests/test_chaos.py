@@ -31,13 +31,11 @@ from tests.chaos_servers import (
     Figures,
     OwnPostgres,
     Published,
-    assert_alive,
     audit,
     chaos,
     chaos_messages,
     consumer_state,
     first_metric,
-    metrics,
     orders_served,
     own_postgres,
     publish_steadily,
@@ -46,7 +44,8 @@ from tests.chaos_servers import (
     wait_settled,
 )
 from tests.database import DatabaseSwitch
-from tests.flow import Route, orders
+from tests.harness import Route
+from tests.orders import orders
 from tests.worker import Worker, eventually, view_size
 
 pytestmark = chaos
@@ -93,7 +92,7 @@ async def test_sigkill_at_random_moments_loses_nothing_and_stores_nothing_twice(
         for _ in range(kills):
             moment = rng.uniform(0.2, 2.5)
             await asyncio.sleep(moment)
-            assert_alive(worker)
+            worker.check_alive()
             in_view.append(await orders_served(worker))
             moments.append(moment)
             worker.kill()
@@ -171,7 +170,7 @@ async def test_postgres_stopped_mid_run_then_started_again(
             await asyncio.sleep(0.05)
         during = await consumer_state(route)
         assert during.ack_floor == floor_early, "nothing is acked while the database is away"
-        assert_alive(worker)
+        worker.check_alive()
         await asyncio.to_thread(stoppable_postgres.start)
         back = time.monotonic()
         published = await publishing
@@ -182,7 +181,7 @@ async def test_postgres_stopped_mid_run_then_started_again(
             report = await audit(store, published, [worker])
         finally:
             await store.close()
-        retries = (await metrics(worker))["orders_database_retries_total"]
+        retries = (await worker.metrics())["orders_database_retries_total"]
     assert retries > 0
     figures.record(
         mode=mode,
@@ -218,11 +217,11 @@ async def test_connections_killed_from_the_server_side(
         for _ in range(rounds):
             await asyncio.sleep(0.5)
             terminated += await asyncio.to_thread(database_switch.terminate, "")
-            assert_alive(worker)
+            worker.check_alive()
         published = await publishing
         await wait_settled(store, route, published, [worker])
         report = await audit(store, published, [worker])
-        values = await metrics(worker)
+        values = await worker.metrics()
     figures.record(
         rounds=rounds,
         backends_terminated=terminated,
@@ -292,10 +291,10 @@ async def test_connections_killed_between_the_last_statement_and_commit(
             killer.stop()
             await killing
         assert killer.killed > 0, "the fault struck"
-        assert_alive(worker)
+        worker.check_alive()
         await wait_settled(store, route, published, [worker])
         report = await audit(store, published, [worker])
-        values = await metrics(worker)
+        values = await worker.metrics()
     figures.record(
         backends_ended_before_commit=killer.killed,
         messages=published.messages,
@@ -333,7 +332,7 @@ async def test_nats_stopped_mid_run_then_started_again(
         before = await orders_served(worker)
         await asyncio.to_thread(own_nats.stop)
         await asyncio.sleep(outage)
-        assert_alive(worker)
+        worker.check_alive()
         await asyncio.to_thread(own_nats.start)
         back = time.monotonic()
 
@@ -345,7 +344,7 @@ async def test_nats_stopped_mid_run_then_started_again(
         published = await publishing
         state = await wait_settled(store, route, published, [worker])
         report = await audit(store, published, [worker])
-        values = await metrics(worker)
+        values = await worker.metrics()
     assert "reconnected to NATS" in worker.log()
     figures.record(
         outage_s=outage,
@@ -410,13 +409,13 @@ async def test_table_locked_longer_than_ack_wait_keeps_work_bounded(
             locked = time.monotonic()
             publishing = asyncio.create_task(feed())
             while time.monotonic() - locked < held:
-                assert_alive(worker)
+                worker.check_alive()
                 rss.append(rss_mib(worker))
                 state = await consumer_state(route)
                 ack_pending.append(state.ack_pending)
                 backlog.append(state.pending)
                 reported_ack_pending.append(
-                    (await metrics(worker))["orders_nats_consumer_ack_pending"]
+                    (await worker.metrics())["orders_nats_consumer_ack_pending"]
                 )
                 begun = time.perf_counter()
                 status, _, _ = await worker.get(f"/orders/{burst[0].uid}")
@@ -432,7 +431,7 @@ async def test_table_locked_longer_than_ack_wait_keeps_work_bounded(
         state = await wait_settled(store, route, published, [worker])
         drained_s = time.monotonic() - released
         report = await audit(store, published, [worker])
-        values = await metrics(worker)
+        values = await worker.metrics()
         rss_end = rss_mib(worker)
     assert max(ack_pending) <= max_ack_pending
     assert max(reported_ack_pending) <= max_ack_pending
@@ -497,7 +496,7 @@ async def test_deploy_overlap_two_workers_then_the_old_one_stops(
             published = await publishing
             state = await wait_settled(store, route, published, [new])
             report = await audit(store, published, [new])
-            values = await metrics(new)
+            values = await new.metrics()
     consumed = [
         "batch committed" in w.log() or "batches in the last" in w.log() for w in (old, new)
     ]

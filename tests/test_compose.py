@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.worker import free_port
+from tests.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -32,7 +32,8 @@ from ruamel.yaml import YAML
 
 from bridge.embedded_nats import server_binary
 from streams.config import Settings
-from tests.worker import Worker, eventually, free_port, view_size, worker_env
+from tests.harness import free_port, worker_env
+from tests.worker import Worker, eventually, view_size
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -577,14 +578,6 @@ class ImageWorker(Worker):
         self.command = command
         self.env = {**env, "ORDERS_WEB_PORT": str(self.port), "ORDERS_DATA_DIR": str(data_dir)}
         self.cwd = cwd
-
-    def start(self) -> ImageWorker:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                self.command, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
-        return self
 
 
 async def run(

@@ -21,7 +21,8 @@ import pytest
 
 from bridge.embedded_nats import URL_FILE, EmbeddedNats
 from tests.flow import wait_for_orders
-from tests.worker import Worker, free_port
+from tests.harness import free_port
+from tests.worker import Worker
 
 
 def _mode(path: Path) -> int:

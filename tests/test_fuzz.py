@@ -39,14 +39,13 @@ from tests import fuzz_messages
 from tests.chaos_servers import (
     FULL,
     Figures,
-    assert_alive,
     chaos,
     consumer_state,
     publish_steadily,
     sized,
 )
-from tests.flow import Route, orders
-from tests.orders import order_bytes, order_dict
+from tests.harness import Route
+from tests.orders import order_bytes, order_dict, orders
 from tests.worker import Worker, eventually
 
 pytestmark = chaos
@@ -233,7 +232,7 @@ async def test_fuzzed_messages_through_a_worker_end_stored_or_dead_lettered(
         published = await publish_steadily(route, messages)
 
         async def drained() -> bool:
-            assert_alive(worker)
+            worker.check_alive()
             state = await consumer_state(route)
             return state.drained and state.last_seq >= max(published.sequences)
 

@@ -26,7 +26,6 @@ from streams.store import PostgresEventStore, StoreUnavailable
 from tests.chaos_servers import (
     Figures,
     Published,
-    assert_alive,
     audit,
     chaos,
     chaos_messages,
@@ -36,7 +35,7 @@ from tests.chaos_servers import (
     sized,
     wait_settled,
 )
-from tests.flow import Route, logged
+from tests.flow import logged
 from tests.ha_servers import (
     NatsCluster,
     NatsNode,
@@ -46,6 +45,7 @@ from tests.ha_servers import (
     postgres_pair,
     retrying,
 )
+from tests.harness import Route
 from tests.test_integrity import _run_on_uvloop, accepted
 from tests.worker import Worker, eventually
 
@@ -58,7 +58,7 @@ ROUNDS: Final = sized(1, 10)
 
 async def _served_more_than(worker: Worker, floor: int, timeout: float = 120.0) -> None:
     async def more() -> bool:
-        assert_alive(worker)
+        worker.check_alive()
         return await orders_served(worker) > floor
 
     await eventually(more, f"more than {floor} orders served", timeout, worker.log_tail)
@@ -174,7 +174,7 @@ async def test_writer_and_replica_follow_a_promoted_standby(
                 promotions.append(time.monotonic() - stopped)
 
                 async def committed_on_new_primary(head: int = head) -> bool:
-                    assert_alive(writer)
+                    writer.check_alive()
                     return await asyncio.to_thread(_head, pg_pair, name, on_primary=True) > head
 
                 await eventually(
@@ -303,7 +303,7 @@ async def _cluster_run(
         state = await wait_settled(store, route, published, [worker])
         report = await audit(store, published, [worker])
         assert _pid(worker) == pid, "the worker was not restarted"
-        assert_alive(worker)
+        worker.check_alive()
         replicas_after = await _consumer_replicas(cluster.nodes[0], route)
     final = await retrying(lambda: consumer_state(route))
     assert final.drained

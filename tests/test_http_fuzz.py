@@ -29,8 +29,10 @@ from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from yarl import URL
 
-from tests.chaos_servers import FULL, Figures, assert_alive, chaos, sized
-from tests.flow import Route, orders, wait_for_orders
+from tests.chaos_servers import FULL, Figures, chaos, sized
+from tests.flow import wait_for_orders
+from tests.harness import Route
+from tests.orders import orders
 from tests.worker import Worker
 
 pytestmark = chaos
@@ -69,7 +71,7 @@ def uid_parameter_schema() -> dict[str, object]:
 def _assert_unharmed(worker: Worker) -> int:
     """The worker is up, and every traceback in its log is a request aiohttp's parser refused;
     returns how many of those there were."""
-    assert_alive(worker)
+    worker.check_alive()
     log = worker.log()
     tracebacks = log.count("Traceback (most recent call last)")
     refused = len(PARSER_REFUSALS.findall(log))

@@ -15,7 +15,9 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from tests.flow import Route, orders, wait_for_orders
+from tests.flow import wait_for_orders
+from tests.harness import Route
+from tests.orders import orders
 from tests.worker import Worker
 
 OPENAPI: Final = Path(__file__).resolve().parent.parent / "views" / "static" / "openapi.json"

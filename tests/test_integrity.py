@@ -43,8 +43,9 @@ from streams.store import (
     StoreUnavailable,
 )
 from streams.validation import Accepted
-from tests.flow import Route, orders, wait_for_orders
-from tests.orders import new_uid, order_bytes
+from tests.flow import wait_for_orders
+from tests.harness import Route
+from tests.orders import new_uid, order_bytes, orders
 from tests.test_agent import envelopes, outcomes, process, settled
 from tests.worker import Worker, eventually
 from views.view import OrdersView

@@ -33,7 +33,9 @@ from streams.config import Settings
 from streams.envelope import Envelope, Outcome
 from streams.metrics import Metrics
 from streams.store import PostgresEventStore
-from tests.flow import Route, event_uids, orders, wait_for_orders
+from tests.flow import event_uids, wait_for_orders
+from tests.harness import Route
+from tests.orders import orders
 from tests.worker import Worker, eventually
 
 

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from publisher.messages import Message
-from tests.flow import Route, orders, wait_for_orders
+from tests.flow import wait_for_orders
+from tests.harness import Route, metric_key, parse_metrics
+from tests.orders import orders
 from tests.worker import Worker
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a scrape, keyed by name and sorted labels."""
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return found
 
 
 async def test_metrics_count_a_known_run(tmp_path: Path, database_url: str, route: Route) -> None:
@@ -36,10 +27,10 @@ async def test_metrics_count_a_known_run(tmp_path: Path, database_url: str, rout
             await worker.get(path)
         status, body, content_type = await worker.get("/metrics")
     assert (status, content_type) == (200, "text/plain")
-    found = samples(body.decode())
+    found = parse_metrics(body.decode())
 
     def value(name: str, **labels: str) -> float:
-        return found[(name, tuple(sorted(labels.items())))]
+        return found[metric_key(name, **labels)]
 
     assert value("orders_messages_received_total") == 8
     assert value("orders_stored_total") == 5

@@ -29,8 +29,9 @@ from playwright.async_api import (
 from streams.store import PostgresEventStore
 from streams.validation import Accepted, validate
 from tests.database import DatabaseSwitch
+from tests.harness import worker_env
 from tests.orders import MODEL, new_uid, order_dict
-from tests.worker import Worker, worker_env
+from tests.worker import Worker
 
 CHROMIUM: Final = Path("/usr/bin/chromium")
 # No network here: without these Chromium waits on connections to Google's services.

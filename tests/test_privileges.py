@@ -8,7 +8,9 @@ import psycopg2
 import pytest
 
 from streams.store import PostgresEventStore, SchemaMissing
-from tests.flow import Route, event_uids, orders, wait_for_orders
+from tests.flow import event_uids, wait_for_orders
+from tests.harness import Route
+from tests.orders import orders
 from tests.worker import Worker
 
 

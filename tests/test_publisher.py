@@ -15,9 +15,8 @@ from nats.aio.client import Client
 from bridge.jetstream import ensure_stream
 from publisher.messages import Message
 from publisher.publish import PublishError, publish
-from tests.flow import Route
+from tests.harness import Route, free_port
 from tests.orders import new_uid, order_bytes
-from tests.worker import free_port
 
 
 @pytest.fixture

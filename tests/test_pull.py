@@ -12,7 +12,7 @@ from nats.aio.client import Client
 from bridge.jetstream import ensure_consumer, ensure_stream
 from bridge.pull import Inbox, PullRefused
 from streams.config import Settings
-from tests.flow import Route
+from tests.harness import Route
 
 WAIT_S = 0.5
 

@@ -9,7 +9,9 @@ from pathlib import Path
 import orjson
 
 from streams.store import PostgresEventStore
-from tests.flow import Route, event_uids, orders, wait_for_orders
+from tests.flow import event_uids, wait_for_orders
+from tests.harness import Route
+from tests.orders import orders
 from tests.worker import Worker, eventually, view_size
 
 ORDERS = 20_000

@@ -13,9 +13,10 @@ import pytest
 
 from streams.config import Settings
 from streams.store import NOTIFY_CHANNEL, DeadLetter, EventStore, PostgresEventStore
+from tests.harness import free_port
 from tests.orders import new_uid
 from tests.store_contract import EventStoreContract, accepted
-from tests.worker import eventually, free_port
+from tests.worker import eventually
 
 
 async def count(store: PostgresEventStore, table: str) -> int:

@@ -12,8 +12,9 @@ import pytest
 from streams.store import PostgresEventStore
 from streams.validation import Accepted
 from tests.database import DatabaseSwitch
+from tests.harness import worker_env
 from tests.orders import new_uid, order_bytes
-from tests.worker import FAUST, Worker, worker_env
+from tests.worker import FAUST, Worker
 
 
 async def test_orders_are_served_and_survive_a_restart(

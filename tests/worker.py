@@ -1,29 +1,22 @@
-"""A real worker process (``faust -A streams.app worker``) for end-to-end tests."""
+"""A real worker process (``faust -A streams.app worker``), for end-to-end tests and benchmarks."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 
 import aiohttp
 
+from tests.harness import end_process, free_port, parse_metrics
+
 FAUST = str(Path(sys.executable).parent / "faust")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def eventually(
@@ -48,76 +41,120 @@ async def view_size(worker: Worker) -> int:
     return size
 
 
-def worker_env(database_url: str, nats_url: str, name: str | None = None) -> dict[str, str]:
-    """A worker on the test's own database and its own stream, consumer and subjects
-    (``t<name>.>``; publish to ``t<name>.new``)."""
-    name = name or uuid.uuid4().hex[:10]
-    return {
-        "ORDERS_DATABASE_URL": database_url,
-        "ORDERS_NATS_URL": nats_url,
-        "ORDERS_NATS_STREAM": f"T{name}",
-        "ORDERS_NATS_SUBJECT": f"t{name}.>",
-        "ORDERS_NATS_DURABLE": f"w{name}",
-    }
+class WorkerDidNotStop(AssertionError):
+    """The worker outlived its stop's timeout and was killed."""
 
 
 class Worker:
-    """Runs the service with the given environment; its log goes to ``data_dir/worker.log``."""
+    """Runs the service with the given settings, optionally pinned to ``cpus`` with taskset.
 
-    def __init__(self, data_dir: Path, **env: str) -> None:
+    It runs in ``data_dir`` and logs to ``data_dir/worker.log``. Of this process's environment
+    it inherits all but the ``ORDERS_`` settings, so that a developer's shell does not change
+    what a test or a benchmark runs. ``started_at`` is ``time.perf_counter()`` just before the
+    process is spawned; :meth:`wait_ready` sets ``answered_at`` (the web server's first answer)
+    and ``ready_at`` (the first 200).
+    """
+
+    def __init__(self, data_dir: Path, *, cpus: str | None = None, **env: str) -> None:
         self.data_dir = data_dir
         self.port = free_port()
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
         self.env = {
-            **os.environ,
+            **inherited,
             "ORDERS_DATA_DIR": str(data_dir),
             "ORDERS_WEB_PORT": str(self.port),
             "ORDERS_WEB_HOST": "127.0.0.1",
             **env,
         }
+        pin = ["taskset", "-c", cpus] if cpus else []
+        self.command = [*pin, FAUST, "-A", "streams.app", "worker", "-l", "info"]
+        self.cwd = data_dir
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / "worker.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.answered_at = 0.0
+        self.ready_at = 0.0
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None, "the worker is not running"
+        return self.process.pid
 
     def start(self) -> Worker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
+            self.started_at = time.perf_counter()
             self.process = subprocess.Popen(
-                [FAUST, "-A", "streams.app", "worker", "-l", "info"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+                self.command, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
         return self
 
+    def check_alive(self) -> None:
+        """Fail, with the end of its log, unless the worker is running."""
+        assert self.process is not None and self.process.poll() is None, (
+            f"the worker exited:\n{self.log_tail()}"
+        )
+
     async def wait_alive(self, timeout: float = 60.0) -> None:
         """Poll /healthz until the web server answers."""
-        await self._wait_for("/healthz", timeout)
+        await self._wait_for("/healthz", timeout, 0.1)
 
-    async def wait_ready(self, timeout: float = 60.0) -> dict[str, object]:
-        """Poll /readyz until it answers 200; fail with the worker's log otherwise."""
-        return await self._wait_for("/readyz", timeout)
+    async def wait_ready(self, timeout: float = 60.0, every: float = 0.1) -> dict[str, object]:
+        """Poll /readyz every ``every`` seconds until it answers 200; return its body. Fail
+        with the worker's log if it is not ready in time."""
+        return await self._wait_for("/readyz", timeout, every)
 
-    async def _wait_for(self, path: str, timeout: float) -> dict[str, object]:
+    async def _wait_for(self, path: str, timeout: float, every: float) -> dict[str, object]:
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as http:
             while time.monotonic() < deadline:
-                assert self.process is not None and self.process.poll() is None, self.log_tail()
+                self.check_alive()
                 try:
                     async with http.get(self.base + path) as response:
+                        if not self.answered_at:
+                            self.answered_at = time.perf_counter()
                         if response.status == 200:
+                            self.ready_at = time.perf_counter()
                             body: dict[str, object] = await response.json()
                             return body
                 except aiohttp.ClientError:
                     pass
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(every)
         raise AssertionError(f"worker not ready within {timeout} s:\n{self.log_tail()}")
+
+    async def wait_logged(self, text: str, timeout: float = 60.0) -> None:
+        """Until the worker's log holds ``text``."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not logged within {timeout} s: {text}\n{self.log_tail()}")
+            await asyncio.sleep(0.02)
 
     async def get(self, path: str) -> tuple[int, bytes, str]:
         async with aiohttp.ClientSession() as http, http.get(self.base + path) as response:
             return response.status, await response.read(), response.content_type
 
+    async def metrics(self) -> dict[str, float]:
+        """The worker's /metrics, as :func:`tests.harness.parse_metrics` keys them."""
+        status, body, _ = await self.get("/metrics")
+        assert status == 200, body[:200]
+        return parse_metrics(body.decode())
+
+    def memory(self) -> dict[str, int]:
+        """The Vm* lines of its /proc/PID/status (VmRSS, VmHWM, ...) in bytes."""
+        status: dict[str, int] = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            fields = value.split()
+            if name.startswith("Vm") and len(fields) == 2 and fields[1] == "kB":
+                status[name] = int(fields[0]) * 1024
+        return status
+
     def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, as an operator or an orchestrator stops it; returns the exit code."""
+        """SIGTERM, as an operator or an orchestrator stops it; returns the exit code. Past
+        ``timeout`` it is killed and :class:`WorkerDidNotStop` raised."""
         return self._end(signal.SIGTERM, timeout)
 
     def kill(self) -> int:
@@ -128,16 +165,10 @@ class Worker:
         process, self.process = self.process, None
         if process is None:
             return 0
-        if process.poll() is None:
-            process.send_signal(sig)
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise AssertionError(
-                f"worker did not stop within {timeout} s:\n{self.log_tail()}"
-            ) from None
+        code = end_process(process, sig, timeout)
+        if code is None:
+            raise WorkerDidNotStop(f"worker did not stop within {timeout} s:\n{self.log_tail()}")
+        return code
 
     def log(self) -> str:
         """Everything the worker wrote so far."""
