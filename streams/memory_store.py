@@ -156,8 +156,8 @@ class InMemoryEventStore:
         self._faults.append(_Fault("write", error, times, when, after_commit))
 
     def fail_reads(self, error: StoreUnavailable, *, times: int | None = 1) -> None:
-        """Have the next ``times`` reads raise ``error``: :meth:`head`, :meth:`read_events`,
-        and each page of :meth:`read_pages`."""
+        """Have the next ``times`` reads raise ``error``: :meth:`head` and each page of
+        :meth:`read_pages`."""
         self._faults.append(_Fault("read", error, times))
 
     def fail_listen(self, error: StoreUnavailable, *, times: int | None = 1) -> None:
@@ -189,8 +189,7 @@ class InMemoryEventStore:
             raise fault.error.with_traceback(None)
         return result
 
-    async def read_events(self, after: int, limit: int) -> list[Event]:
-        """Up to ``limit`` events with ``seq > after``, in seq order (one page)."""
+    async def _read_page(self, after: int, limit: int) -> list[Event]:
         await self._read()
         return self.log.after(after, limit)
 
@@ -198,7 +197,7 @@ class InMemoryEventStore:
         """Every event with ``seq > after`` to the end of the log, in seq order, in pages of
         up to ``page_size``; each page is read when the one before has been handed over, so
         events committed meanwhile are in the later pages."""
-        while page := await self.read_events(after, page_size):
+        while page := await self._read_page(after, page_size):
             yield page
             if len(page) < page_size:
                 return

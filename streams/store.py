@@ -11,7 +11,7 @@ import contextlib
 import importlib.resources
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Final
+from typing import Final, Self
 
 import aiopg
 import psycopg2
@@ -158,7 +158,7 @@ class PostgresEventStore:
         writer: bool = True,
         maxsize: int = POOL_SIZE,
         timeout: float = 10.0,
-    ) -> PostgresEventStore:
+    ) -> Self:
         """A store connected to ``dsn`` (see :meth:`connect`)."""
         store = cls(apply_schema=apply_schema, writer=writer, maxsize=maxsize, timeout=timeout)
         await store.connect(dsn)
@@ -340,14 +340,6 @@ class PostgresEventStore:
             previous_seq=previous_seq,
         )
 
-    async def read_events(self, after: int, limit: int) -> list[Event]:
-        """Up to ``limit`` events with ``seq > after``, in seq order (one keyset page): a look
-        at the log for operators' commands and tests; the view reads with :meth:`read_pages`."""
-        async with self._cursor() as cur:
-            _text_as_bytes(cur)
-            await cur.execute(READ_SQL, (after, limit))
-            return _events(await cur.fetchall())
-
     async def read_pages(self, after: int, page_size: int) -> AsyncGenerator[list[Event], None]:
         """Every event with ``seq > after`` to the end of the log, in seq order, in pages of
         up to ``page_size``.
@@ -410,12 +402,6 @@ class PostgresEventStore:
             await listener.close()
             raise _translate(exc) from exc
         return listener
-
-    async def fetch(self, sql: str, args: Sequence[object] = ()) -> list[tuple[object, ...]]:
-        """Run one read-only query; for operators' commands and tests."""
-        async with self._cursor() as cur:
-            await cur.execute(sql, tuple(args))
-            return list(await cur.fetchall())
 
     def _cursor(self) -> _Cursor:
         return _Cursor(self._connected_pool(), None, self._connection_failed)

@@ -34,7 +34,7 @@ from pgserver._commands import POSTGRES_BIN_PATH
 from bridge.jetstream import ensure_stream
 from publisher.generate import OrderFactory
 from publisher.messages import Message, generated_messages
-from streams.store import PostgresEventStore
+from tests.database import InspectedStore
 from tests.harness import EmbeddedPostgres, Route, create_database
 from tests.worker import Worker, eventually
 
@@ -317,7 +317,7 @@ async def orders_served(worker: Worker) -> int:
 
 
 async def wait_settled(
-    store: PostgresEventStore,
+    store: InspectedStore,
     route: Route,
     published: Published,
     workers: Sequence[Worker] = (),
@@ -361,7 +361,7 @@ class AuditReport:
 
 
 async def audit(
-    store: PostgresEventStore,
+    store: InspectedStore,
     published: Published,
     workers: Sequence[Worker],
     *,

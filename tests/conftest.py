@@ -19,9 +19,8 @@ from nats.aio.client import Client
 from psycopg2 import sql
 
 from bridge.embedded_nats import EmbeddedNats
-from streams.store import PostgresEventStore
 from tests.chaos_servers import Figures
-from tests.database import DatabaseSwitch
+from tests.database import DatabaseSwitch, InspectedStore
 from tests.harness import EmbeddedPostgres, Route, embedded_nats, free_port, fresh_database
 
 FIXTURE = Path(__file__).resolve().parent.parent / "publisher" / "model.json"
@@ -59,9 +58,9 @@ def database_switch(postgres_server_url: str, database_url: str) -> Iterator[Dat
 
 
 @pytest.fixture
-async def store(database_url: str) -> AsyncIterator[PostgresEventStore]:
+async def store(database_url: str) -> AsyncIterator[InspectedStore]:
     """The event store on the test's own database, schema applied."""
-    opened = await PostgresEventStore.open(database_url)
+    opened = await InspectedStore.open(database_url)
     try:
         yield opened
     finally:
@@ -126,7 +125,7 @@ def as_role(url: str, role: str, password: str) -> str:
 
 
 @pytest.fixture
-def app_role_url(database_url: str, store: PostgresEventStore) -> Iterator[str]:
+def app_role_url(database_url: str, store: InspectedStore) -> Iterator[str]:
     """The URL of a login role that may SELECT and INSERT on the service's tables, and nothing
     more. It has a password of its own: servers that ask for one (scram-sha-256 over TCP, as
     PostgreSQL's Docker image and the compose file's postgres do) refuse a role without one.

@@ -1,12 +1,34 @@
-"""Switching a test's database off and on, as an outage or a maintenance window would."""
+"""The tests' look into the database: what the log holds, queries the service never makes, and
+switching a database off and on, as an outage or a maintenance window would."""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import psycopg2
 from psycopg2 import sql
+
+from streams.events import Event, EventStore
+from streams.store import PostgresEventStore
+
+
+class InspectedStore(PostgresEventStore):
+    """The service's store, plus the ad hoc queries tests make and the service does not."""
+
+    async def fetch(self, query: str, args: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        """The rows of one read-only query."""
+        async with self._cursor() as cur:
+            await cur.execute(query, tuple(args))
+            return list(await cur.fetchall())
+
+
+async def logged_events(store: EventStore) -> list[Event]:
+    """Every event in the log, in seq order, read as the view reads it."""
+    async with contextlib.aclosing(store.read_pages(0, 10_000)) as pages:
+        return [event async for page in pages for event in page]
 
 
 class DatabaseSwitch:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from streams.store import PostgresEventStore
+from tests.database import InspectedStore
 from tests.worker import Worker, eventually, view_size
 
 
@@ -24,5 +24,5 @@ def logged(worker: Worker, text: str) -> Callable[[], Awaitable[bool]]:
     return check
 
 
-async def event_uids(store: PostgresEventStore) -> list[str]:
+async def event_uids(store: InspectedStore) -> list[str]:
     return [str(uid) for (uid,) in await store.fetch("SELECT order_uid FROM orders_events")]

@@ -12,9 +12,9 @@ from streams.agent import BatchProcessor
 from streams.envelope import Envelope, Outcome
 from streams.follower import ViewFollower
 from streams.memory_store import InMemoryEventStore
-from streams.store import AccessDenied, PostgresEventStore, StatementTimedOut, StoreUnavailable
+from streams.store import AccessDenied, StatementTimedOut, StoreUnavailable
 from streams.validation import Accepted
-from tests.database import DatabaseSwitch
+from tests.database import DatabaseSwitch, InspectedStore, logged_events
 from tests.orders import new_uid, order_bytes
 from tests.worker import eventually
 from views.view import OrdersView
@@ -55,12 +55,12 @@ def outcomes(batch: list[Envelope]) -> list[Outcome | None]:
     ]
 
 
-async def dead_letters(store: PostgresEventStore) -> list[tuple[str, str]]:
+async def dead_letters(store: InspectedStore) -> list[tuple[str, str]]:
     rows = await store.fetch("SELECT source, reason FROM orders_dead_letters ORDER BY id")
     return [(str(source), str(reason)) for source, reason in rows]
 
 
-async def test_mixed_batch_settles_each_message_by_what_happened(store: PostgresEventStore) -> None:
+async def test_mixed_batch_settles_each_message_by_what_happened(store: InspectedStore) -> None:
     known, fresh = new_uid(), new_uid()
     view = OrdersView()
     processor = BatchProcessor(store, ViewFollower(view, store, page_size=100))
@@ -90,17 +90,17 @@ async def test_mixed_batch_settles_each_message_by_what_happened(store: Postgres
     assert "required field is missing" in letters[1][1]
 
 
-async def test_view_holds_only_what_the_log_holds(store: PostgresEventStore) -> None:
+async def test_view_holds_only_what_the_log_holds(store: InspectedStore) -> None:
     processor = BatchProcessor(store, ViewFollower(OrdersView(), store, page_size=100))
     batch = envelopes(*(order_bytes(new_uid()) for _ in range(50)), b"[]", b"null")
     await process(processor, batch)
-    log = {event.order_uid: event.seq for event in await store.read_events(0, 1000)}
+    log = {event.order_uid: event.seq for event in await logged_events(store)}
     assert set(processor.view) == set(log)
     assert processor.view.last_seq == max(log.values())
 
 
 async def test_payload_the_database_refuses_is_dead_lettered_alone(
-    store: PostgresEventStore,
+    store: InspectedStore,
 ) -> None:
     """A message that passes validation but that PostgreSQL cannot store (a number beyond
     numeric's range in an extra field) must not stall the stream: the rest of its batch is
@@ -117,7 +117,7 @@ async def test_payload_the_database_refuses_is_dead_lettered_alone(
 
 
 async def test_database_outage_mid_run_acks_nothing_until_committed(
-    store: PostgresEventStore,
+    store: InspectedStore,
     database_switch: DatabaseSwitch,
 ) -> None:
     """With the database gone, nothing is settled (so nothing is acked) and the agent keeps
@@ -133,12 +133,12 @@ async def test_database_outage_mid_run_acks_nothing_until_committed(
     database_switch.allow()
     await asyncio.wait_for(task, timeout=30)
     assert outcomes(batch) == [Outcome.STORED, Outcome.STORED, Outcome.REJECTED]
-    assert len(await store.read_events(0, 10)) == 3
+    assert len(await logged_events(store)) == 3
     assert len(processor.view) == 3
 
 
 async def test_two_batches_commit_at_once_and_settle_in_order(
-    store: PostgresEventStore, database_switch: DatabaseSwitch
+    store: InspectedStore, database_switch: DatabaseSwitch
 ) -> None:
     """submit() starts a commit and returns; two commits may be in flight, a third batch
     waits for room. Nothing is settled before its commit, batches settle in the order
@@ -167,14 +167,14 @@ async def test_two_batches_commit_at_once_and_settle_in_order(
     await asyncio.wait_for(settled(batches[2]), timeout=30)
     assert [outcomes(batch) for batch in batches] == [[Outcome.STORED] * 2] * 3
     assert settle_order == [0, 1, 2]
-    log = {event.order_uid: event.seq for event in await store.read_events(0, 10)}
+    log = {event.order_uid: event.seq for event in await logged_events(store)}
     assert set(log) >= {uid for pair in uids for uid in pair}
     assert set(processor.view) == set(log)
     assert processor.view.last_seq == max(log.values())
 
 
 async def test_a_submit_cancelled_while_waiting_fails_its_batch_only(
-    store: PostgresEventStore, database_switch: DatabaseSwitch
+    store: InspectedStore, database_switch: DatabaseSwitch
 ) -> None:
     """A stop that cancels the agent while its batch waits for room: that batch is failed
     (NATS redelivers it), and the commits already under way still complete."""
@@ -192,7 +192,7 @@ async def test_a_submit_cancelled_while_waiting_fails_its_batch_only(
     database_switch.allow()
     await asyncio.wait_for(settled(second), timeout=30)
     assert outcomes(first) == outcomes(second) == [Outcome.STORED]
-    assert len(await store.read_events(0, 10)) == 3
+    assert len(await logged_events(store)) == 3
 
 
 def in_memory() -> tuple[InMemoryEventStore, BatchProcessor]:
@@ -202,7 +202,7 @@ def in_memory() -> tuple[InMemoryEventStore, BatchProcessor]:
 
 
 async def log_uids(store: InMemoryEventStore) -> list[str]:
-    return [event.order_uid for event in await store.read_events(0, 1000)]
+    return [event.order_uid for event in await logged_events(store)]
 
 
 async def test_a_slow_order_is_split_off_and_the_batch_behind_it_settles_after_it() -> None:

@@ -11,8 +11,7 @@ import orjson
 from bridge.embedded_nats import EmbeddedNats
 from publisher.messages import Message
 from streams.config import redact
-from streams.store import PostgresEventStore
-from tests.database import DatabaseSwitch
+from tests.database import DatabaseSwitch, InspectedStore
 from tests.flow import event_uids, logged, wait_for_orders
 from tests.harness import Route, free_port
 from tests.orders import new_uid, order_bytes, order_dict, orders
@@ -61,7 +60,7 @@ async def test_the_bridge_fails_over_along_a_seed_list(
 
 
 async def test_same_uid_published_twice_is_one_event_and_the_first_wins(
-    tmp_path: Path, database_url: str, route: Route, store: PostgresEventStore
+    tmp_path: Path, database_url: str, route: Route, store: InspectedStore
 ) -> None:
     uid = new_uid()
     first, changed = order_bytes(uid, locale="en"), order_bytes(uid, locale="ru")
@@ -79,7 +78,7 @@ async def test_same_uid_published_twice_is_one_event_and_the_first_wins(
 
 
 async def test_malformed_messages_are_dead_lettered_and_the_rest_stored(
-    tmp_path: Path, database_url: str, route: Route, store: PostgresEventStore
+    tmp_path: Path, database_url: str, route: Route, store: InspectedStore
 ) -> None:
     good = orders(4, seed=1)
     malformed = [
@@ -116,7 +115,7 @@ async def test_malformed_messages_are_dead_lettered_and_the_rest_stored(
 
 
 async def test_sigkill_mid_run_loses_nothing_and_stores_nothing_twice(
-    tmp_path: Path, database_url: str, route: Route, store: PostgresEventStore
+    tmp_path: Path, database_url: str, route: Route, store: InspectedStore
 ) -> None:
     """10,000 orders; the worker is SIGKILLed while consuming them and started again."""
     batch = orders(10_000, seed=7)
@@ -143,7 +142,7 @@ async def test_sigkill_mid_run_loses_nothing_and_stores_nothing_twice(
 
 
 async def test_nats_restart_mid_run_resumes_consumption(
-    tmp_path: Path, database_url: str, own_nats: EmbeddedNats, store: PostgresEventStore
+    tmp_path: Path, database_url: str, own_nats: EmbeddedNats, store: InspectedStore
 ) -> None:
     assert own_nats.url is not None
     route = Route(own_nats.url)
@@ -166,7 +165,7 @@ async def test_database_outage_holds_acks_until_the_orders_are_committed(
     database_url: str,
     database_switch: DatabaseSwitch,
     route: Route,
-    store: PostgresEventStore,
+    store: InspectedStore,
 ) -> None:
     """While PostgreSQL refuses the service, nothing is acked to NATS; afterwards all is stored."""
     before, during = orders(100, seed=21), orders(300, seed=22)
@@ -194,7 +193,7 @@ async def test_database_outage_holds_acks_until_the_orders_are_committed(
 
 
 async def test_sigterm_mid_run_commits_and_acks_the_batches_in_hand(
-    tmp_path: Path, database_url: str, route: Route, store: PostgresEventStore
+    tmp_path: Path, database_url: str, route: Route, store: InspectedStore
 ) -> None:
     """A graceful stop in the middle of a run: fetching stops, what was fetched is committed
     and acked, so nothing is left pending on the consumer; a restart takes the rest."""

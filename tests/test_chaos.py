@@ -26,7 +26,6 @@ import pytest
 
 from bridge.embedded_nats import EmbeddedNats
 from publisher.publish import publish
-from streams.store import PostgresEventStore
 from tests.chaos_servers import (
     Figures,
     OwnPostgres,
@@ -43,7 +42,7 @@ from tests.chaos_servers import (
     sized,
     wait_settled,
 )
-from tests.database import DatabaseSwitch
+from tests.database import DatabaseSwitch, InspectedStore
 from tests.harness import Route
 from tests.orders import orders
 from tests.worker import Worker, eventually, view_size
@@ -72,7 +71,7 @@ ACK_WAIT_S = "5"
 
 
 async def test_sigkill_at_random_moments_loses_nothing_and_stores_nothing_twice(
-    tmp_path: Path, database_url: str, route: Route, store: PostgresEventStore, figures: Figures
+    tmp_path: Path, database_url: str, route: Route, store: InspectedStore, figures: Figures
 ) -> None:
     """A run of orders (2 % malformed, 2 % repeated uids) during which the worker is SIGKILLed
     at a random moment after it became ready, started again at once, and killed again."""
@@ -174,7 +173,7 @@ async def test_postgres_stopped_mid_run_then_started_again(
         await asyncio.to_thread(stoppable_postgres.start)
         back = time.monotonic()
         published = await publishing
-        store = await PostgresEventStore.open(url)
+        store = await InspectedStore.open(url)
         try:
             await wait_settled(store, route, published, [worker])
             recovered = time.monotonic() - back
@@ -200,7 +199,7 @@ async def test_connections_killed_from_the_server_side(
     database_url: str,
     database_switch: DatabaseSwitch,
     route: Route,
-    store: PostgresEventStore,
+    store: InspectedStore,
     figures: Figures,
 ) -> None:
     """``pg_terminate_backend`` on every connection of the worker, again and again mid-run
@@ -270,7 +269,7 @@ async def test_connections_killed_between_the_last_statement_and_commit(
     postgres_server_url: str,
     database_url: str,
     route: Route,
-    store: PostgresEventStore,
+    store: InspectedStore,
     figures: Figures,
 ) -> None:
     """Promise 1 at its worst instant: backends are ended while their transaction waits for
@@ -311,7 +310,7 @@ async def test_nats_stopped_mid_run_then_started_again(
     tmp_path: Path,
     database_url: str,
     own_nats: EmbeddedNats,
-    store: PostgresEventStore,
+    store: InspectedStore,
     figures: Figures,
 ) -> None:
     """nats-server stops (SIGTERM) in the middle of a run and starts again on the same port and
@@ -365,7 +364,7 @@ async def test_table_locked_longer_than_ack_wait_keeps_work_bounded(
     tmp_path: Path,
     database_url: str,
     route: Route,
-    store: PostgresEventStore,
+    store: InspectedStore,
     figures: Figures,
 ) -> None:
     """Another connection holds ``LOCK TABLE orders_events IN ACCESS EXCLUSIVE MODE`` for several
@@ -468,7 +467,7 @@ async def _orders_served_at_least(worker: Worker, count: int) -> bool:
 
 
 async def test_deploy_overlap_two_workers_then_the_old_one_stops(
-    tmp_path: Path, database_url: str, route: Route, store: PostgresEventStore, figures: Figures
+    tmp_path: Path, database_url: str, route: Route, store: InspectedStore, figures: Figures
 ) -> None:
     """Worker A consumes; B starts on the same durable consumer; both consume; A is stopped
     gracefully (SIGTERM) mid-run; B carries on. Still exactly once in the log."""
@@ -516,7 +515,7 @@ async def test_deploy_overlap_two_workers_then_the_old_one_stops(
 
 
 async def test_sustained_ingest_and_reads_at_fixed_rates(
-    tmp_path: Path, database_url: str, route: Route, store: PostgresEventStore, figures: Figures
+    tmp_path: Path, database_url: str, route: Route, store: InspectedStore, figures: Figures
 ) -> None:
     """Orders published at a fixed rate while another process reads existing orders at a
     fixed rate: no error, every order stored, memory steady."""
@@ -596,7 +595,7 @@ async def test_sustained_ingest_and_reads_at_fixed_rates(
 
 
 async def test_the_consuming_worker_serves_every_order_byte_for_byte(
-    tmp_path: Path, database_url: str, route: Route, store: PostgresEventStore, figures: Figures
+    tmp_path: Path, database_url: str, route: Route, store: InspectedStore, figures: Figures
 ) -> None:
     """The README's promise: a just-consumed order is served byte for byte as published. It
     used to hold only when the agent projected its batch before the follower read the same
@@ -617,7 +616,7 @@ async def test_the_consuming_worker_serves_every_order_byte_for_byte(
 
 @pytest.mark.xfail("F8" in OPEN_FINDINGS, strict=False, reason="F8: " + FINDINGS["F8"])
 async def test_finding_sigterm_while_consuming_stops_the_worker_promptly(
-    tmp_path: Path, database_url: str, route: Route, store: PostgresEventStore
+    tmp_path: Path, database_url: str, route: Route, store: InspectedStore
 ) -> None:
     """Three times: a worker consuming a steady flow gets SIGTERM and must exit 0 within 10 s
     (it commits and acks the batch in hand; 30 s is the bridge's own grace for that)."""

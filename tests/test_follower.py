@@ -19,7 +19,7 @@ from streams.store import (
     StoreUnavailable,
 )
 from streams.validation import Accepted
-from tests.database import DatabaseSwitch
+from tests.database import DatabaseSwitch, logged_events
 from tests.orders import new_uid, order_bytes
 from tests.worker import eventually
 from views.view import OrdersView
@@ -48,7 +48,7 @@ async def other_writer(database_url: str) -> AsyncIterator[PostgresEventStore]:
 
 
 async def log_uids(store: PostgresEventStore) -> list[str]:
-    return [event.order_uid for event in await store.read_events(0, 100_000)]
+    return [event.order_uid for event in await logged_events(store)]
 
 
 async def test_own_commit_after_another_writer_brings_both_in_log_order(
@@ -238,7 +238,7 @@ async def test_a_view_behind_reads_the_gap_before_its_own_batch_in_memory() -> N
     theirs = [await other.write_batch(accepted(2), []) for _ in range(3)]
     ours = await commit(follower, store, 2)
     assert ours.previous_seq == theirs[-1].stored[-1].seq
-    assert list(follower.view) == [e.order_uid for e in await store.read_events(0, 100)]
+    assert list(follower.view) == [e.order_uid for e in await logged_events(store)]
     assert follower.head == ours.stored[-1].seq and follower.lag == 0
 
 

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from publisher.messages import Message
 from streams.metrics import reason_class
-from streams.store import DeadLetter, PostgresEventStore, RefusedByDatabase
+from streams.store import DeadLetter, RefusedByDatabase
 from streams.validation import Accepted, Rejected, validate
 from tests import fuzz_messages
 from tests.chaos_servers import (
@@ -44,6 +44,7 @@ from tests.chaos_servers import (
     publish_steadily,
     sized,
 )
+from tests.database import InspectedStore
 from tests.harness import Route
 from tests.orders import order_bytes, order_dict, orders
 from tests.worker import Worker, eventually
@@ -103,7 +104,7 @@ class Judgement:
     finding: str | None = None
 
 
-async def judge(store: PostgresEventStore, raw: bytes, source: str) -> Judgement:
+async def judge(store: InspectedStore, raw: bytes, source: str) -> Judgement:
     """What validate and the store make of one input, and whether that breaks the promise."""
     try:
         verdict = validate(raw)
@@ -149,7 +150,7 @@ def test_hostile_messages_are_stored_or_rejected_with_a_reason(
     (derandomized), new ones at each ``make chaos``."""
     examples = sized(2_000, 20_000)
     loop = asyncio.new_event_loop()
-    store = loop.run_until_complete(PostgresEventStore.open(database_url))
+    store = loop.run_until_complete(InspectedStore.open(database_url))
     active = OPEN_FINDINGS
     tally: collections.Counter[str] = collections.Counter()
     known: collections.Counter[str] = collections.Counter()
@@ -197,7 +198,7 @@ def test_hostile_messages_are_stored_or_rejected_with_a_reason(
 
 
 async def test_fuzzed_messages_through_a_worker_end_stored_or_dead_lettered(
-    tmp_path: Path, database_url: str, route: Route, store: PostgresEventStore, figures: Figures
+    tmp_path: Path, database_url: str, route: Route, store: InspectedStore, figures: Figures
 ) -> None:
     """A few hundred hostile messages among valid orders, over NATS: the worker neither falls
     over nor stalls, and each message ends in the log or in the dead letters."""
@@ -309,7 +310,7 @@ def test_finding_deep_nesting_is_rejected_rather_than_raised() -> None:
 
 
 @pinned("F2")
-async def test_finding_invalid_utf8_anywhere_is_rejected(store: PostgresEventStore) -> None:
+async def test_finding_invalid_utf8_anywhere_is_rejected(store: InspectedStore) -> None:
     verdict = validate(NOT_UTF8)
     if isinstance(verdict, Accepted):
         await store.write_batch([verdict], [])  # raises UnicodeDecodeError today
@@ -323,7 +324,7 @@ def test_finding_order_uid_with_a_trailing_newline_is_rejected() -> None:
 
 
 @pinned("F4")
-async def test_finding_what_validate_accepts_postgres_stores(store: PostgresEventStore) -> None:
+async def test_finding_what_validate_accepts_postgres_stores(store: InspectedStore) -> None:
     verdict = validate(HUGE_NUMBER)
     if isinstance(verdict, Accepted):
         await store.write_batch([verdict], [])  # RefusedByDatabase today
@@ -332,7 +333,7 @@ async def test_finding_what_validate_accepts_postgres_stores(store: PostgresEven
 
 
 async def _one_poison_message(
-    tmp_path: Path, database_url: str, route: Route, store: PostgresEventStore, poison: bytes
+    tmp_path: Path, database_url: str, route: Route, store: InspectedStore, poison: bytes
 ) -> None:
     """The poison message between valid orders: within 8 s every valid order is stored and
     the poison dead-lettered, and the worker is still consuming."""
@@ -363,7 +364,7 @@ async def _one_poison_message(
 
 @pinned("F1")
 async def test_finding_deeply_nested_message_does_not_stop_consumption(
-    tmp_path: Path, database_url: str, route: Route, store: PostgresEventStore
+    tmp_path: Path, database_url: str, route: Route, store: InspectedStore
 ) -> None:
     deep = order_bytes()[:-1] + b',"zz":' + b"[" * 1_000 + b"]" * 1_000 + b"}"
     await _one_poison_message(tmp_path, database_url, route, store, deep)
@@ -371,7 +372,7 @@ async def test_finding_deeply_nested_message_does_not_stop_consumption(
 
 @pinned("F2")
 async def test_finding_invalid_utf8_in_an_unnamed_field_does_not_hold_up_its_batch(
-    tmp_path: Path, database_url: str, route: Route, store: PostgresEventStore
+    tmp_path: Path, database_url: str, route: Route, store: InspectedStore
 ) -> None:
     raw = orjson.dumps({**order_dict(), "zz": "__bad__"}).replace(b"__bad__", b"\xff\xfe")
     await _one_poison_message(tmp_path, database_url, route, store, raw)

@@ -22,7 +22,7 @@ import pytest
 
 from bridge.jetstream import ensure_consumer
 from streams.config import Settings
-from streams.store import PostgresEventStore, StoreUnavailable
+from streams.store import StoreUnavailable
 from tests.chaos_servers import (
     Figures,
     Published,
@@ -35,6 +35,7 @@ from tests.chaos_servers import (
     sized,
     wait_settled,
 )
+from tests.database import InspectedStore
 from tests.flow import logged
 from tests.ha_servers import (
     NatsCluster,
@@ -97,7 +98,7 @@ def test_a_store_on_uvloop_reaches_the_promoted_standby(pg_pair: PostgresPair) -
     pg_pair.create_database(name)
     unexpected: list[BaseException] = []
 
-    async def write(store: PostgresEventStore) -> bool:
+    async def write(store: InspectedStore) -> bool:
         try:
             await store.write_batch([accepted()], [])
         except StoreUnavailable:
@@ -108,7 +109,7 @@ def test_a_store_on_uvloop_reaches_the_promoted_standby(pg_pair: PostgresPair) -
         return True
 
     async def work() -> None:
-        store = await PostgresEventStore.open(pg_pair.url(name, "read-write"))
+        store = await InspectedStore.open(pg_pair.url(name, "read-write"))
         try:
             assert await write(store)
             pg_pair.primary.stop("immediate")
@@ -184,7 +185,7 @@ async def test_writer_and_replica_follow_a_promoted_standby(
                 published.extend(await publishing)
                 if round_ + 1 < ROUNDS:
                     await asyncio.to_thread(pg_pair.rebuild_standby)
-            store = await PostgresEventStore.open(pg_pair.primary.admin_url(name))
+            store = await InspectedStore.open(pg_pair.primary.admin_url(name))
             try:
                 state = await wait_settled(store, route, published, [writer, reader])
                 report = await audit(store, published, [writer, reader])
@@ -251,7 +252,7 @@ async def _consumer_replicas(node: NatsNode, route: Route) -> int:
 async def _cluster_run(
     tmp_path: Path,
     database_url: str,
-    store: PostgresEventStore,
+    store: InspectedStore,
     cluster: NatsCluster,
     figures: Figures,
     fault: str,
@@ -325,7 +326,7 @@ async def _cluster_run(
 async def test_the_nats_node_in_use_lost(
     tmp_path: Path,
     database_url: str,
-    store: PostgresEventStore,
+    store: InspectedStore,
     cluster: NatsCluster,
     figures: Figures,
     fault: str,

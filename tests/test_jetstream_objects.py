@@ -32,7 +32,7 @@ from publisher.stream import ensure_stream as publisher_stream
 from streams.config import Settings
 from streams.envelope import Envelope, Outcome
 from streams.metrics import Metrics
-from streams.store import PostgresEventStore
+from tests.database import InspectedStore
 from tests.flow import event_uids, wait_for_orders
 from tests.harness import Route
 from tests.orders import orders
@@ -74,7 +74,7 @@ async def foreign_consumer(
 
 
 async def test_a_consumer_with_another_deliver_policy_keeps_the_worker_unready(
-    tmp_path: Path, database_url: str, route: Route, client: Client, store: PostgresEventStore
+    tmp_path: Path, database_url: str, route: Route, client: Client, store: InspectedStore
 ) -> None:
     """Promise: every published order reaches the log. A durable consumer of the service's
     name that delivers only new messages would skip the backlog, and cannot be changed in
@@ -95,7 +95,7 @@ async def test_a_consumer_with_another_deliver_policy_keeps_the_worker_unready(
 
 
 async def test_a_memory_stream_that_drops_old_messages_is_refused(
-    tmp_path: Path, database_url: str, route: Route, client: Client, store: PostgresEventStore
+    tmp_path: Path, database_url: str, route: Route, client: Client, store: InspectedStore
 ) -> None:
     """Promise: every published order reaches the log. A stream kept in memory, limited to
     three messages with the oldest discarded, had already lost two of five orders: the worker

@@ -8,6 +8,7 @@ import psycopg2
 import pytest
 
 from streams.store import PostgresEventStore, SchemaMissing
+from tests.database import InspectedStore
 from tests.flow import event_uids, wait_for_orders
 from tests.harness import Route
 from tests.orders import orders
@@ -15,7 +16,7 @@ from tests.worker import Worker
 
 
 async def test_worker_runs_with_select_and_insert_only(
-    tmp_path: Path, store: PostgresEventStore, app_role_url: str, route: Route
+    tmp_path: Path, store: InspectedStore, app_role_url: str, route: Route
 ) -> None:
     """The schema is applied by its owner (here the store fixture); the worker, connected as
     a role with SELECT and INSERT only and told not to apply the schema, stores and serves."""
@@ -40,7 +41,7 @@ async def test_worker_runs_with_select_and_insert_only(
     ],
 )
 def test_the_role_cannot_change_or_remove_history(
-    store: PostgresEventStore, app_role_url: str, statement: str
+    store: InspectedStore, app_role_url: str, statement: str
 ) -> None:
     """Promise 2 (orders_events is append-only) holds in the database itself: the service's
     role may not update, delete, truncate or drop, whatever a bug in the code would try."""

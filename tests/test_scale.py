@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 
-from streams.store import PostgresEventStore
+from tests.database import InspectedStore
 from tests.flow import event_uids, wait_for_orders
 from tests.harness import Route
 from tests.orders import orders
@@ -18,7 +18,7 @@ ORDERS = 20_000
 
 
 async def test_three_workers_share_the_stream_and_each_serves_every_order(
-    tmp_path: Path, database_url: str, route: Route, store: PostgresEventStore
+    tmp_path: Path, database_url: str, route: Route, store: InspectedStore
 ) -> None:
     """20,000 orders over three workers on one durable consumer; one of them SIGKILLed
     mid-run and started again. Each order is once in the log and served by every worker."""

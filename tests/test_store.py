@@ -13,13 +13,14 @@ import pytest
 
 from streams.config import Settings
 from streams.store import NOTIFY_CHANNEL, DeadLetter, EventStore, PostgresEventStore
+from tests.database import InspectedStore
 from tests.harness import free_port
 from tests.orders import new_uid
 from tests.store_contract import EventStoreContract, accepted
 from tests.worker import eventually
 
 
-async def count(store: PostgresEventStore, table: str) -> int:
+async def count(store: InspectedStore, table: str) -> int:
     rows = await store.fetch(f"SELECT count(*) FROM {table}")
     (value,) = rows[0]
     assert isinstance(value, int)
@@ -39,7 +40,7 @@ class TestPostgresEventStore(EventStoreContract):
             await opened.close()
 
     async def dead_letters(self, store: EventStore) -> list[DeadLetter]:
-        assert isinstance(store, PostgresEventStore)
+        assert isinstance(store, InspectedStore)
         rows = await store.fetch("SELECT raw, reason, source FROM orders_dead_letters ORDER BY id")
         letters = []
         for raw, reason, source in rows:
@@ -49,7 +50,7 @@ class TestPostgresEventStore(EventStoreContract):
         return letters
 
 
-async def test_schema_is_applied_idempotently(store: PostgresEventStore) -> None:
+async def test_schema_is_applied_idempotently(store: InspectedStore) -> None:
     await store.write_batch([accepted(new_uid())], [])
     await store.apply_schema()
     await store.apply_schema()
@@ -57,7 +58,7 @@ async def test_schema_is_applied_idempotently(store: PostgresEventStore) -> None
 
 
 async def test_seq_is_assigned_by_the_database_only(
-    database_url: str, store: PostgresEventStore
+    database_url: str, store: InspectedStore
 ) -> None:
     """The replay order cannot be forged: an explicit seq is refused."""
     await store.write_batch([accepted(new_uid())], [])
@@ -106,7 +107,7 @@ async def test_a_multi_host_url_reaches_the_first_server_that_answers(database_u
         assert [event.order_uid for event in result.stored] == [uid]
     finally:
         await store.close()
-    check = await PostgresEventStore.open(database_url)
+    check = await InspectedStore.open(database_url)
     try:
         assert await count(check, "orders_events") == 1
     finally:
@@ -114,7 +115,7 @@ async def test_a_multi_host_url_reaches_the_first_server_that_answers(database_u
 
 
 async def test_a_commit_notifies_its_last_seq_and_its_writer(
-    database_url: str, store: PostgresEventStore
+    database_url: str, store: InspectedStore
 ) -> None:
     """The notification of a commit is "<seq> <writer>": the writer lets each store's listener
     leave its own commits out, the seq is for people reading the traffic. It comes on commit,

@@ -7,6 +7,7 @@ import orjson
 from streams.follower import restore
 from streams.store import Event, PostgresEventStore
 from streams.validation import Accepted
+from tests.database import logged_events
 from tests.orders import new_uid, order_bytes
 from views.view import OrdersView
 
@@ -20,7 +21,7 @@ async def test_restore_rebuilds_every_order_across_pages(store: PostgresEventSto
     stats = await restore(view, store, page_size=4, on_page=pages.append)
     assert sorted(view) == sorted(uids)
     assert stats.events == 23 and sum(pages) == 23 and max(pages) == 4
-    log = await store.read_events(0, 100)
+    log = await logged_events(store)
     assert stats.last_seq == log[-1].seq == view.last_seq
     for event in log:
         assert view[event.order_uid] == event.payload
