@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -187,3 +189,24 @@ async def test_json_logs_are_one_object_per_line_with_fields(
         "streams.runtime",
     )
     assert restored["seq"] >= 1
+
+
+def test_importing_the_app_module_reads_no_environment_and_builds_nothing(tmp_path: Path) -> None:
+    """``import streams.app`` (a test, a tool, a type checker) neither reads the environment
+    nor exits nor changes the event loop policy: the app is built when ``faust -A`` reads it."""
+    probe = (
+        "import asyncio, streams.app as m\n"
+        "assert '_the_app' in vars(m) and m._the_app.cache_info().currsize == 0\n"
+        "assert type(asyncio.get_event_loop_policy()).__module__.startswith('asyncio')\n"
+        "print('imported')\n"
+    )
+    env = {"ORDERS_DATA_DIR": str(tmp_path), "ORDERS_BATCH_SIZE": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout == "imported\n", done.stderr
