@@ -18,7 +18,7 @@ from mode import ServiceT
 
 from bridge.consumer import NatsBridge
 from bridge.embedded_nats import EmbeddedNatsError, server_binary
-from streams import embedded_postgres
+from streams import embedded_postgres, fast_web, web_driver
 from streams.commands import install_commands
 from streams.config import ConfigError, Settings
 from streams.envelope import Envelope
@@ -30,7 +30,6 @@ from streams.logs import (
 from streams.metrics import Metrics
 from streams.monitor import LeanMonitor
 from streams.runtime import Runtime
-from streams.web_driver import Web
 from views.view import OrdersView
 from views.web import install_routes
 
@@ -74,8 +73,11 @@ class OrdersApp(faust.App):
         await super().on_first_start()
 
     def _new_web(self) -> faust.web.Web:
-        # Faust's factory for its web driver: ours skips aiohttp_cors when no CORS is configured.
-        return Web(self)
+        # Faust's factory for its web driver: the fast one, or Faust's aiohttp driver without
+        # aiohttp_cors when no CORS is configured (ORDERS_WEB_DRIVER).
+        if self.settings.web_driver == "fast":
+            return fast_web.Web(self)
+        return web_driver.Web(self)
 
     def on_init_dependencies(self) -> Iterable[ServiceT]:
         # The runtime goes last so it starts after the web server and the agent and stops first.

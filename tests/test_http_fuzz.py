@@ -33,7 +33,7 @@ from tests.chaos_servers import FULL, Figures, assert_alive, chaos, sized
 from tests.flow import Route, orders, wait_for_orders
 from tests.worker import Worker
 
-pytestmark = chaos
+pytestmark = [chaos, pytest.mark.usefixtures("web_driver")]
 
 OPENAPI: Final = Path(__file__).resolve().parent.parent / "views" / "static" / "openapi.json"
 UID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")

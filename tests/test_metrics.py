@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from publisher.messages import Message
@@ -20,6 +21,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return found
 
 
+@pytest.mark.usefixtures("web_driver")
 async def test_metrics_count_a_known_run(tmp_path: Path, database_url: str, route: Route) -> None:
     good = orders(5, seed=31)
     repeated = Message(good[0].data, "duplicate", good[0].uid)

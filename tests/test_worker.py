@@ -16,6 +16,7 @@ from tests.orders import new_uid, order_bytes
 from tests.worker import FAUST, Worker, worker_env
 
 
+@pytest.mark.usefixtures("web_driver")
 async def test_orders_are_served_and_survive_a_restart(
     tmp_path: Path, database_url: str, nats_url: str, store: PostgresEventStore
 ) -> None:
@@ -39,6 +40,7 @@ async def test_orders_are_served_and_survive_a_restart(
             assert status == 200 and orjson.loads(body)["order_uid"] == uid
 
 
+@pytest.mark.usefixtures("web_driver")
 async def test_http_answers_unknown_and_malformed_uids_clearly(
     tmp_path: Path, database_url: str, nats_url: str
 ) -> None:
@@ -61,6 +63,7 @@ async def test_http_answers_unknown_and_malformed_uids_clearly(
         assert status == 200
 
 
+@pytest.mark.usefixtures("web_driver")
 async def test_readyz_says_503_until_the_view_is_restored(
     tmp_path: Path,
     database_url: str,
