@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Final
 
 from faust.types import AppT
-from faust.types.web import ResourceOptions, View
+from faust.types.web import ResourceOptions
 from faust.utils import json as faust_json
-from faust.web import base
+from faust.web import View, base
 from mode import Service
 
 from streams.http_message import Request, Response

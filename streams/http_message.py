@@ -50,13 +50,19 @@ class Request(base.Request):
     replaced) and ``query_string`` at once; headers, query and URL are built when first read.
     """
 
+    # Class-level defaults: nothing to store per request for what no view of the service reads.
+    match_info: Mapping[str, str] = _NO_HEADERS  # the router sets the route's values
+    user: Any = None
+    if_modified_since = None
+    if_unmodified_since = None
+    if_range = None
+
     def __init__(
         self,
         method: str,
         target: bytes,
         raw_headers: list[tuple[bytes, bytes]],
         body: bytes,
-        *,
         version: str,
         keep_alive: bool,
     ) -> None:
@@ -65,27 +71,21 @@ class Request(base.Request):
         self.raw_headers = raw_headers
         self.version = version
         self.keep_alive = keep_alive
-        self.body_exists = bool(body)
         self._body = body
-        self._match_info: Mapping[str, str] = _NO_HEADERS
-        self.user: Any = None
-        raw_path, _, query = target.partition(b"?")
-        raw_path = raw_path.partition(b"#")[0]
-        path = raw_path.decode("utf-8", "replace")
-        self.path = unquote(path, errors="replace") if "%" in path else path
-        self.query_string = query.partition(b"#")[0].decode("utf-8", "replace")
         self._headers: CIMultiDictProxy[str] | None = None
-        self.if_modified_since = None
-        self.if_unmodified_since = None
-        self.if_range = None
+        if b"?" in target or b"%" in target or b"#" in target:
+            self.path = _decoded_path(target)
+        else:
+            self.path = target.decode("utf-8", "replace")
 
     @property
-    def match_info(self) -> Mapping[str, str]:
-        return self._match_info
+    def query_string(self) -> str:  # type: ignore[override]
+        _, _, query = self.raw_target.partition(b"?")
+        return query.partition(b"#")[0].decode("utf-8", "replace")
 
-    @match_info.setter
-    def match_info(self, values: Mapping[str, str]) -> None:
-        self._match_info = values
+    @property
+    def body_exists(self) -> bool:  # type: ignore[override]
+        return bool(self._body)
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:  # type: ignore[override]
@@ -133,6 +133,16 @@ class Request(base.Request):
 
     async def post(self) -> Mapping[str, str]:
         return dict(parse_qsl(self._body.decode("utf-8"), keep_blank_values=True))
+
+
+def _decoded_path(target: bytes) -> str:
+    """The path of a request target, query cut off, percent-escapes resolved (UTF-8, invalid
+    bytes replaced). A fragment is never sent (RFC 9110 4.2.4), but llhttp lets one through."""
+    end = target.find(b"?")
+    if end < 0:
+        end = target.find(b"#")
+    path = (target if end < 0 else target[:end]).decode("utf-8", "replace")
+    return unquote(path, errors="replace") if "%" in path else path
 
 
 class Response(base.Response):
@@ -238,26 +248,28 @@ class Response(base.Response):
 
 class ResponseHeads:
     """The status line and header fields of responses, serialized once for each distinct
-    (status, reason, content type, header fields) and reused; without ``Content-Length``,
-    ``Date`` and ``Connection``, which the connection adds."""
+    (status, reason, content type, header mapping) and reused; without ``Content-Length``,
+    ``Date`` and ``Connection``, which the connection adds.
+
+    A header mapping is told apart by its identity, not its contents: views hand the same
+    constant mapping to all their responses (as this service's do), and one they change after
+    handing it over is read as it was the first time. The heads keep their mappings alive, so
+    that no other mapping can take one's identity while it is remembered.
+    """
 
     def __init__(self) -> None:
-        self._heads: dict[tuple[object, ...], bytes] = {}
+        self._heads: dict[tuple[object, ...], tuple[bytes, Mapping[str, str]]] = {}
 
     def head(self, response: Response) -> bytes:
         """The serialized head; ``ValueError`` for a header field HTTP cannot carry."""
         fields = response._headers
-        key = (
-            response._status,
-            response._reason,
-            response._content_type,
-            tuple(fields.items()) if fields else (),
-        )
-        head = self._heads.get(key)
-        if head is None:
-            head = _serialize_head(response)
-            if len(self._heads) < _HEADS_REMEMBERED:
-                self._heads[key] = head
+        key = (response._status, response._content_type, id(fields), response._reason)
+        remembered = self._heads.get(key)
+        if remembered is not None:
+            return remembered[0]
+        head = _serialize_head(response)
+        if len(self._heads) < _HEADS_REMEMBERED:
+            self._heads[key] = (head, fields)
         return head
 
 

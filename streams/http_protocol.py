@@ -84,7 +84,11 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 
 _INTERNAL_ERROR: Final = error_response(500, "internal server error")
 # Stands for the request a refusal answers: it may not have been read whole.
-_UNREAD: Final = Request("GET", b"/", [], b"", version="1.1", keep_alive=False)
+_UNREAD: Final = Request("GET", b"/", [], b"", "1.1", False)
+_METHOD_NAMES: Final = {
+    name.encode("ascii"): name
+    for name in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT")
+}
 
 
 class _Refused(Exception):
@@ -225,8 +229,6 @@ class HttpConnection(asyncio.Protocol):
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] | None = None
         self.body_size = 0
-        self.keep_alive = True
-        self.version = "1.1"
         self.refused: _Refused | None = None
         # A task computes an answer; requests read meanwhile wait in ``queue``.
         self.busy = False
@@ -236,9 +238,6 @@ class HttpConnection(asyncio.Protocol):
         self.close_after_answer = False
         self.write_paused = False
         self.reading_paused = False
-        # Answers made while data_received runs, written together when it returns.
-        self.out: list[bytes] = []
-        self.collecting = False
 
     # asyncio.Protocol
 
@@ -266,12 +265,11 @@ class HttpConnection(asyncio.Protocol):
             return
         if self.waiting_since is not None:
             self.head_size += len(data)
-        self.collecting = True
-        try:
             if self.head_size > MAX_HEAD_SIZE:
                 self._refuse(_Refused(431, "the request head is too large"))
-            else:
-                self.parser.feed_data(data)
+                return
+        try:
+            self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # The request was answered; what follows it is another protocol, not spoken here.
             self.closing = True
@@ -279,17 +277,8 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserError as error:
             refused, self.refused = self.refused, None
             self._refuse(refused or _Refused(400, str(error) or "malformed request"))
-        finally:
-            self.collecting = False
-            self._flush()
 
     # httptools callbacks
-
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.raw_headers = []
-        self.body = None
-        self.body_size = 0
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -303,15 +292,6 @@ class HttpConnection(asyncio.Protocol):
         if len(self.raw_headers) > MAX_HEADERS:
             self._stop_parsing(431, f"more than {MAX_HEADERS} header fields")
 
-    def on_headers_complete(self) -> None:
-        self.waiting_since = None
-        self.head_size = 0
-        parser = self.parser
-        self.version = parser.get_http_version()
-        if self.version not in _VERSIONS:
-            self._stop_parsing(400, f"HTTP/{self.version} is not served")
-        self.keep_alive = parser.should_keep_alive()
-
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
         if self.body_size > MAX_BODY_SIZE:
@@ -324,15 +304,29 @@ class HttpConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.closing:
             return  # read behind an answer that closes the connection: never answered
+        # Done here rather than in on_message_begin / on_headers_complete: each callback the
+        # parser makes costs, and a request without a body is complete with its head.
+        self.waiting_since = None
+        self.head_size = 0
+        parser = self.parser
+        version = parser.get_http_version()
+        if version not in _VERSIONS:
+            self._stop_parsing(400, f"HTTP/{version} is not served")
         body = self.body
+        method = parser.get_method()
         request = Request(
-            self.parser.get_method().decode("ascii"),
+            _METHOD_NAMES.get(method) or method.decode("ascii"),
             self.url,
             self.raw_headers,
             b"".join(body) if body else b"",
-            version=self.version,
-            keep_alive=self.keep_alive,
+            version,
+            parser.should_keep_alive(),
         )
+        self.url = b""
+        self.raw_headers = []
+        if body is not None:
+            self.body = None
+            self.body_size = 0
         if self.busy or self.queue:
             self.queue.append(request)
             self._update_reading()
@@ -435,11 +429,9 @@ class HttpConnection(asyncio.Protocol):
                 connection,
                 body,
             )
-        if self.collecting:
-            self.out.append(data)
-        else:
-            assert self.transport is not None
-            self.transport.write(data)
+        # Written at once, also for pipelined requests: uvloop sends what it can right away
+        # and buffers the rest, so answers go out in the order they are written.
+        self.transport.write(data)  # type: ignore[union-attr]
         if not keep_alive:
             self.closing = True
             self.queue.clear()
@@ -447,17 +439,10 @@ class HttpConnection(asyncio.Protocol):
         elif not self.busy and not self.queue:
             self.waiting_since = self.server.now
 
-    def _flush(self) -> None:
-        out = self.out
-        if out and self.transport is not None:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-            out.clear()
-
     def _close_when_done(self) -> None:
         """Close once what is written is sent (at once if nothing is owed any more)."""
         if self.transport is None or self.busy or self.queue:
             return
-        self._flush()
         self.transport.close()
 
     def _update_reading(self) -> None:
