@@ -32,9 +32,6 @@ _bytes = bytes  # the driver has a method named ``bytes``
 Handler = Callable[[Request], Coroutine[Any, Any, Any]]
 
 _NOT_FOUND: Final = error_response(404, "not found")
-_HTML: Final = "text/html; charset=utf-8"
-_TEXT: Final = "text/plain; charset=utf-8"
-_JSON: Final = "application/json; charset=utf-8"
 
 
 class _Server(Service):
@@ -156,7 +153,7 @@ class Web(base.Web):
         return Response(
             value.encode("utf-8"),
             status=status,
-            content_type=_with_charset(content_type) if content_type else _TEXT,
+            content_type=_with_charset(content_type or "text/plain"),
             reason=reason,
             headers=headers,
         )
@@ -170,10 +167,10 @@ class Web(base.Web):
         reason: str | None = None,
         headers: MutableMapping[str, str] | None = None,
     ) -> base.Response:
-        return Response(
-            value.encode("utf-8"),
+        return self.text(
+            value,
+            content_type=content_type or "text/html",
             status=status,
-            content_type=_with_charset(content_type) if content_type else _HTML,
             reason=reason,
             headers=headers,
         )
@@ -191,7 +188,7 @@ class Web(base.Web):
         return Response(
             payload if isinstance(payload, _bytes) else payload.encode("utf-8"),
             status=status,
-            content_type=_with_charset(content_type) if content_type else _JSON,
+            content_type=_with_charset(content_type or "application/json"),
             reason=reason,
             headers=headers,
         )

@@ -113,6 +113,7 @@ async def read_answers(reader: asyncio.StreamReader, methods: Iterable[str]) -> 
 
 
 async def _next_answer(client: h11.Connection, reader: asyncio.StreamReader) -> Answer:
+    """The next answer on the connection (h11 refuses a close before or inside it)."""
     response: h11.Response | None = None
     body = b""
     async with asyncio.timeout(READ_S):
@@ -131,12 +132,14 @@ async def _next_answer(client: h11.Connection, reader: asyncio.StreamReader) -> 
                 raise AssertionError(f"expected an answer, got {event!r}")
 
 
-def whole_answers(data: bytes) -> list[Answer]:
+async def whole_answers(data: bytes) -> list[Answer]:
     """Every answer to a GET in ``data``, which runs up to the server's close; an answer cut
-    short fails (h11 refuses a close inside a message)."""
+    short fails."""
     client = h11.Connection(h11.CLIENT)
     client.receive_data(data)
     client.receive_data(b"")
+    nothing_more = asyncio.StreamReader()
+    nothing_more.feed_eof()
     answers = []
     while True:
         if client.our_state is h11.DONE and client.their_state is h11.DONE:
@@ -145,31 +148,8 @@ def whole_answers(data: bytes) -> list[Answer]:
             break  # the last answer said the connection closes, or the server closed it
         client.send(h11.Request(method="GET", target="/", headers=[("Host", "127.0.0.1")]))
         client.send(h11.EndOfMessage())
-        answer = _answer_from(client)
-        if answer is None:
-            break
-        answers.append(answer)
+        answers.append(await _next_answer(client, nothing_more))
     return answers
-
-
-def _answer_from(client: h11.Connection) -> Answer | None:
-    """The next answer from what ``client`` has received; None if the connection closed."""
-    response: h11.Response | None = None
-    body = b""
-    while True:
-        event = client.next_event()
-        if isinstance(event, h11.ConnectionClosed):
-            assert response is None, "the connection closed inside an answer"
-            return None
-        if isinstance(event, h11.Response):
-            response = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, h11.EndOfMessage):
-            assert response is not None
-            return _answer(response, body)
-        elif event is h11.NEED_DATA:
-            raise AssertionError("the connection closed inside an answer")
 
 
 def _answer(response: h11.Response, body: bytes) -> Answer:
@@ -210,7 +190,7 @@ async def test_http10_closes_by_default_and_keeps_alive_when_asked(served: Serve
     async with connection(served.worker.port) as (reader, writer):
         writer.write(get(f"/orders/{served.uid}", version="1.0"))
         closing = await read_until_closed(reader)
-    (answer,) = whole_answers(closing)
+    (answer,) = await whole_answers(closing)
     assert (answer.status, answer.body) == (200, served.order)
     assert answer.headers.get("connection", "close").lower() == "close"
     assert_framed(answer)
@@ -298,7 +278,7 @@ async def test_unreadable_requests_are_refused_and_the_connection_closed(
         with contextlib.suppress(ConnectionError):
             await writer.drain()
         received = await read_until_closed(reader)
-    (answer,) = whole_answers(received)
+    (answer,) = await whole_answers(received)
     assert answer.status == served.expected(status)
     assert answer.headers.get("connection", "close").lower() == "close"
     assert_framed(answer)
@@ -345,7 +325,7 @@ async def test_refusals_of_the_fast_driver_carry_the_security_headers(served: Se
         answers = await read_answers(reader, ["GET", "POST"])
     async with connection(served.worker.port) as (reader, writer):
         writer.write(b"GARBAGE\r\n\r\n")
-        answers += whole_answers(await read_until_closed(reader))
+        answers += await whole_answers(await read_until_closed(reader))
     assert [answer.status for answer in answers] == [404, 405, 400]
     for answer in answers:
         carried = all(answer.headers.get(k) == v for k, v in SECURITY_HEADERS.items())
@@ -377,7 +357,7 @@ async def test_unfinished_heads_and_idle_connections_are_closed(served: Served) 
     for what, (seconds, _) in {"partial": partial, "idle": idle, "silent": silent}.items():
         assert seconds < bound, f"a {what} connection was still open after {bound} s"
     assert idle[1].startswith(b"HTTP/1.1 200 ")
-    (answer,) = whole_answers(idle[1])
+    (answer,) = await whole_answers(idle[1])
     assert answer.status == 200
 
 
@@ -393,7 +373,7 @@ async def test_a_stop_finishes_the_answers_under_way(served: Served) -> None:
         code, rest = await asyncio.gather(
             asyncio.to_thread(served.worker.stop, 60.0), read_until_closed(reader)
         )
-    answers = whole_answers(started + rest)
+    answers = await whole_answers(started + rest)
     assert all((answer.status, answer.body) == (200, served.order) for answer in answers)
     assert 1 <= len(answers) <= count
     assert code == 0, served.worker.log_tail()
