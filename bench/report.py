@@ -418,7 +418,6 @@ def _web_driver_section(figures: dict[str, Any]) -> list[str]:
     if not runs or not all("go" in run for run in runs):
         return []
     params = figures["read"]["params"]
-    service = spread(_values(runs, "rps"))[1]
     lines = [
         "### Web driver",
         "",
@@ -430,12 +429,14 @@ def _web_driver_section(figures: dict[str, Any]) -> list[str]:
         " load change during a round touches all servers of that round alike, not all rounds"
         " alike (see the load and others' CPU in the read table above).",
         "",
-        "| server | req/s | p50 | p99 | the service's req/s ÷ this |",
+        "| server | req/s | p50 | p99 | the service's req/s ÷ this, per round |",
         "|---|---|---|---|---|",
     ]
     for title, prefix in _WEB_SERVERS:
         rates = _values_at(runs, prefix + "rps")
-        ratio = "—" if not prefix else _ratio(service / spread(rates)[1])
+        # The median of each round's ratio, as for the targets below.
+        per_round = [run["rps"] / rate for run, rate in zip(runs, rates, strict=True)]
+        ratio = "—" if not prefix else _spread(per_round, _ratio)
         lines.append(
             f"| {title} | {_spread(rates, _rate)}"
             f" | {_ms(spread(_values_at(runs, prefix + 'p50_ms'))[1])}"
