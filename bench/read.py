@@ -1,6 +1,8 @@
 """Reads: GET /orders/{uid} on random existing uids with wrk (1 thread, 64 connections), the
-worker pinned to core 0 and wrk to core 1, beside the same load on a bare aiohttp + uvloop
-server (also on core 0) that returns the same bytes from a dict; then a fixed rate with hey
+worker pinned to core 0 and wrk to core 1, beside the same load on the same worker run on
+Faust's aiohttp driver and on three ceilings that return the same bytes from a dict, all on
+core 0: bare aiohttp on uvloop, Go's net/http with GOMAXPROCS=1, and a bare asyncio.Protocol
+with httptools on uvloop; the servers take turns within each round. Then a fixed rate with hey
 against the worker (hey takes one URL: one existing uid, the middle one of the log)."""
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -20,6 +23,7 @@ from typing import Any, Final
 import aiohttp
 
 from bench import dataset
+from bench.bare_read_server import load as load_orders
 from bench.context import Context
 from bench.servers import (
     ROOT,
@@ -34,6 +38,12 @@ from tests.harness import Route, end_process, free_port
 SERVER_CPU: Final = "0"
 CLIENT_CPU: Final = "1"
 LUA: Final = Path(__file__).resolve().parent / "read.lua"
+GO_CEILING: Final = Path(__file__).resolve().parent / "read_ceiling.go"
+# The ceilings measured beside the service: Faust-free servers answering the same bytes from a
+# dict, on the same core. aiohttp: bench/bare_read_server.py; go: net/http, GOMAXPROCS=1
+# (bench/read_ceiling.go); protocol: an asyncio.Protocol with httptools on uvloop
+# (bench/bare_protocol_server.py).
+CEILINGS: Final = ("aiohttp", "go", "protocol")
 WARM_UP_S: Final = 1
 
 
@@ -161,45 +171,69 @@ async def hey(command: list[str]) -> dict[str, Any]:
     return parse_hey(out.decode())
 
 
-def _spawn_bare_server(dsn: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    command = [
-        "taskset",
-        "-c",
-        SERVER_CPU,
-        sys.executable,
-        "-m",
-        "bench.bare_read_server",
-        "--database-url",
-        dsn,
-        "--port",
-        str(port),
-    ]
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+def _python_ceiling(module: str, dsn: str, port: int) -> list[str]:
+    return [sys.executable, "-m", module, "--database-url", dsn, "--port", str(port)]
+
+
+def build_go_ceiling(scratch: Path) -> Path:
+    """bench/read_ceiling.go built into ``scratch`` (Debian's golang-go: the standard library
+    only, no module download)."""
+    go = shutil.which("go")
+    if go is None:
+        raise RuntimeError("the Go ceiling needs a Go toolchain: apt-get install golang-go")
+    binary = scratch / "read_ceiling"
+    subprocess.run(
+        [go, "build", "-o", str(binary), str(GO_CEILING)],
+        cwd=scratch,
+        check=True,
+        capture_output=True,
+    )
+    return binary
+
+
+def write_orders_file(dsn: str, path: Path) -> None:
+    """``uid<TAB>payload`` lines for the Go ceiling: the bytes the other servers answer."""
+    with open(path, "wb") as out:
+        for uid, payload in load_orders(dsn).items():
+            out.write(uid.encode() + b"\t" + payload + b"\n")
 
 
 def _tail(path: Path) -> str:
     return path.read_text(errors="replace")[-2000:]
 
 
+def _spawn(
+    command: list[str], log_path: Path, env: dict[str, str] | None
+) -> subprocess.Popen[bytes]:
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            ["taskset", "-c", SERVER_CPU, *command],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+
 @contextlib.asynccontextmanager
-async def bare_server(dsn: str, log_path: Path) -> AsyncIterator[str]:
-    """The ceiling's server on core 0; yields its base URL once it serves."""
-    port = free_port()
-    process = _spawn_bare_server(dsn, port, log_path)
+async def ceiling_server(
+    name: str, command: list[str], port: int, log_path: Path, env: dict[str, str] | None = None
+) -> AsyncIterator[str]:
+    """A ceiling's server on the server's core; yields its base URL once it serves."""
+    process = _spawn(command, log_path, env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
         async with aiohttp.ClientSession() as http:
             while True:
                 if process.poll() is not None:
-                    raise RuntimeError(f"the bare server exited: {_tail(log_path)}")
+                    raise RuntimeError(f"the {name} ceiling exited: {_tail(log_path)}")
                 with contextlib.suppress(aiohttp.ClientError):
                     async with http.get(base + "/readyz") as response:
                         if response.status == 200:
                             break
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the bare server did not start within 300 s")
+                    raise RuntimeError(f"the {name} ceiling did not start within 300 s")
                 await asyncio.sleep(0.05)
         yield base
     finally:
@@ -225,67 +259,127 @@ async def run(ctx: Context) -> dict[str, Any]:
             uids = dataset.uids(dsn)
             uid_file = scratch / "uids.txt"
             uid_file.write_text("\n".join(uids) + "\n")
+            orders_file = scratch / "orders.tsv"
+            write_orders_file(dsn, orders_file)
+            go_binary = build_go_ceiling(scratch)
             env = {**route.env(dsn), **ctx.worker_env}
-            async with running_worker(scratch / "worker", env, cpus=SERVER_CPU) as worker:
-                readyz = await ready(worker)
-                if readyz["orders"] != count:
-                    raise RuntimeError(f"the worker's view holds {readyz['orders']} orders")
-                async with bare_server(dsn, scratch / "bare.log") as bare:
-                    for uid in (uids[0], uids[-1]):
-                        served = await _get(f"{worker.base}/orders/{uid}")
-                        bare_served = await _get(f"{bare}/orders/{uid}")
-                        if served != bare_served or served[0] != 200:
-                            raise RuntimeError(f"the worker and the bare server differ on {uid}")
-                    for base in (worker.base, bare):
-                        await wrk(wrk_command(base, WARM_UP_S, sizes.read_connections, uid_file))
-                    for index in range(ctx.runs):
-                        load_before = load_average()
-                        meter = ctx.servers.cpu_meter()
-                        ctx.profiler.start(worker.pid, f"read-{index + 1}")
+            ports = {name: free_port() for name in CEILINGS}
+            commands = {
+                "aiohttp": _python_ceiling("bench.bare_read_server", dsn, ports["aiohttp"]),
+                "go": [
+                    str(go_binary),
+                    "-orders",
+                    str(orders_file),
+                    "-addr",
+                    f"127.0.0.1:{ports['go']}",
+                ],
+                "protocol": _python_ceiling("bench.bare_protocol_server", dsn, ports["protocol"]),
+            }
+            async with contextlib.AsyncExitStack() as stack:
+                worker = await stack.enter_async_context(
+                    running_worker(scratch / "worker", env, cpus=SERVER_CPU)
+                )
+                # The same service on Faust's aiohttp driver, for the comparison (it idles on
+                # the same core while the others are measured).
+                aiohttp_worker = await stack.enter_async_context(
+                    running_worker(
+                        scratch / "worker-aiohttp",
+                        {**env, "ORDERS_WEB_DRIVER": "aiohttp"},
+                        cpus=SERVER_CPU,
+                    )
+                )
+                for readyz in (await ready(worker), await ready(aiohttp_worker)):
+                    if readyz["orders"] != count:
+                        raise RuntimeError(f"a worker's view holds {readyz['orders']} orders")
+                bases = {"service": worker.base, "service_aiohttp": aiohttp_worker.base}
+                for name in CEILINGS:
+                    bases[name] = await stack.enter_async_context(
+                        ceiling_server(
+                            name,
+                            commands[name],
+                            ports[name],
+                            scratch / f"{name}.log",
+                            {"GOMAXPROCS": "1"} if name == "go" else None,
+                        )
+                    )
+                for uid in (uids[0], uids[-1]):
+                    served = {
+                        name: await _get(f"{base}/orders/{uid}") for name, base in bases.items()
+                    }
+                    if (
+                        len({answer for answer in served.values()}) != 1
+                        or served["service"][0] != 200
+                    ):
+                        raise RuntimeError(f"the servers differ on {uid}")
+                for base in bases.values():
+                    await wrk(wrk_command(base, WARM_UP_S, sizes.read_connections, uid_file))
+                for index in range(ctx.runs):
+                    # One round: every server in turn, so that a change of the machine's load
+                    # touches all of them alike.
+                    load_before = load_average()
+                    meter = ctx.servers.cpu_meter()
+                    measured: dict[str, dict[str, Any]] = {}
+                    for name, base in bases.items():
+                        if name == "service":
+                            ctx.profiler.start(worker.pid, f"read-{index + 1}")
                         try:
-                            service = await wrk(
+                            measured[name] = await wrk(
                                 wrk_command(
-                                    worker.base,
-                                    sizes.read_seconds,
-                                    sizes.read_connections,
-                                    uid_file,
+                                    base, sizes.read_seconds, sizes.read_connections, uid_file
                                 )
                             )
                         finally:
-                            ctx.profiler.stop()
-                        ceiling = await wrk(
-                            wrk_command(bare, sizes.read_seconds, sizes.read_connections, uid_file)
+                            if name == "service":
+                                ctx.profiler.stop()
+                    service = measured.pop("service")
+                    ctx.say(
+                        f"read run {index + 1}: "
+                        + ", ".join(
+                            f"{name} {result['rps']:,.0f} req/s"
+                            for name, result in {"service": service, **measured}.items()
                         )
-                        ctx.say(
-                            f"read run {index + 1}: service {service['rps']:,.0f} req/s,"
-                            f" ceiling {ceiling['rps']:,.0f} req/s"
-                        )
-                        wrk_runs.append(
-                            {
-                                **service,
-                                "ceiling": ceiling,
-                                "ceiling_rps": ceiling["rps"],
-                                "ratio": service["rps"] / ceiling["rps"],
-                                "load_before": load_before,
-                                "load_after": load_average(),
-                                "foreign_cpu": meter.foreign_share(),
-                            }
-                        )
+                    )
+                    wrk_runs.append(
+                        {
+                            **service,
+                            # "ceiling" is the bare aiohttp server, as in earlier results.
+                            "ceiling": measured["aiohttp"],
+                            "ceiling_rps": measured["aiohttp"]["rps"],
+                            "ratio": service["rps"] / measured["aiohttp"]["rps"],
+                            "service_aiohttp": measured["service_aiohttp"],
+                            "go": measured["go"],
+                            "protocol": measured["protocol"],
+                            "ratio_go": service["rps"] / measured["go"]["rps"],
+                            "ratio_protocol": service["rps"] / measured["protocol"]["rps"],
+                            "load_before": load_before,
+                            "load_after": load_average(),
+                            "foreign_cpu": meter.foreign_share(),
+                        }
+                    )
                 one_uid = uids[len(uids) // 2]
-                url = f"{worker.base}/orders/{one_uid}"
                 per_worker = sizes.fixed_rate // sizes.fixed_workers
                 for index in range(ctx.runs):
                     load_before = load_average()
                     meter = ctx.servers.cpu_meter()
-                    command = hey_command(url, sizes.fixed_seconds, per_worker, sizes.fixed_workers)
-                    measured = await hey(command)
+                    # The service, then the Go and protocol ceilings at the same rate: how much
+                    # of the latency is hey's and the machine's rather than the server's.
+                    fixed: dict[str, dict[str, Any]] = {}
+                    for name in ("service", "go", "protocol"):
+                        url = f"{bases[name]}/orders/{one_uid}"
+                        fixed[name] = await hey(
+                            hey_command(url, sizes.fixed_seconds, per_worker, sizes.fixed_workers)
+                        )
+                    service = fixed.pop("service")
                     ctx.say(
-                        f"read at a fixed rate, run {index + 1}: {measured['rps']:,.0f} req/s,"
-                        f" {100 * measured['ok_share']:.2f} % 200s, p99 {measured['p99_ms']:.1f} ms"
+                        f"read at a fixed rate, run {index + 1}: {service['rps']:,.0f} req/s,"
+                        f" {100 * service['ok_share']:.2f} % 200s, p99 {service['p99_ms']:.1f} ms"
+                        f" (go p99 {fixed['go']['p99_ms']:.1f} ms,"
+                        f" protocol p99 {fixed['protocol']['p99_ms']:.1f} ms)"
                     )
                     hey_runs.append(
                         {
-                            **measured,
+                            **service,
+                            **fixed,
                             "load_before": load_before,
                             "load_after": load_average(),
                             "foreign_cpu": meter.foreign_share(),
@@ -313,6 +407,8 @@ async def run(ctx: Context) -> dict[str, Any]:
                     )
                 ),
                 "warm_up_s": WARM_UP_S,
+                "web_driver": env.get("ORDERS_WEB_DRIVER", "fast"),
+                "ceilings": list(CEILINGS),
             },
             "runs": wrk_runs,
         },

@@ -290,8 +290,9 @@ def _figure_sections(figures: dict[str, Any]) -> list[str]:
             f" bytes from a dict, also on core {params['server_cpu']}). wrk runs on core"
             f" {params['client_cpu']}, {params['threads']} thread, {params['connections']}"
             f" connections, {params['seconds']} s, each request a uid drawn at random from the"
-            f" file of every uid (`bench/read.lua`); both servers get a {params['warm_up_s']} s"
-            " warm-up first, and then the runs alternate service, ceiling.",
+            f" file of every uid (`bench/read.lua`); every server gets a {params['warm_up_s']} s"
+            " warm-up first, and then the runs alternate service, ceiling (with the servers of"
+            " the web driver figure below, when measured).",
             "",
             f"    {params['command']}",
             "",
@@ -310,6 +311,7 @@ def _figure_sections(figures: dict[str, Any]) -> list[str]:
             ),
             "",
         ]
+    out += _web_driver_section(figures)
     if figure := figures.get("read_fixed"):
         params = figure["params"]
         out += [
@@ -398,6 +400,73 @@ def _figure_sections(figures: dict[str, Any]) -> list[str]:
             "",
         ]
     return out
+
+
+# The servers of the web driver figure, as bench/read.py names them in a run.
+_WEB_SERVERS: Final = (
+    ("the service, fast driver (default)", ""),
+    ("the service, `ORDERS_WEB_DRIVER=aiohttp`", "service_aiohttp."),
+    ("bare aiohttp on uvloop (`bench/bare_read_server.py`)", "ceiling."),
+    ("Go net/http, `GOMAXPROCS=1` (`bench/read_ceiling.go`)", "go."),
+    ("bare asyncio.Protocol + httptools on uvloop (`bench/bare_protocol_server.py`)", "protocol."),
+)
+
+
+def _web_driver_section(figures: dict[str, Any]) -> list[str]:
+    """The service's web driver beside Go's net/http and a bare protocol, same run."""
+    runs = figures.get("read", {}).get("runs", [])
+    if not runs or not all("go" in run for run in runs):
+        return []
+    params = figures["read"]["params"]
+    lines = [
+        "### Web driver",
+        "",
+        "`GET /orders/{uid}` in the read figure's rounds: each round runs every server below in"
+        f" turn, all pinned to core {params['server_cpu']} with `taskset`, wrk on core"
+        f" {params['client_cpu']} (`-t{params['threads']} -c{params['connections']}"
+        f" -d{params['seconds']}s`, the read figure's command and uids). Medians of"
+        f" {len(runs)} rounds, min – max in brackets. The machine has 2 cores and is shared: a"
+        " load change during a round touches all servers of that round alike, not all rounds"
+        " alike (see the load and others' CPU in the read table above).",
+        "",
+        "| server | req/s | p50 | p99 | the service's req/s ÷ this, per round |",
+        "|---|---|---|---|---|",
+    ]
+    for title, prefix in _WEB_SERVERS:
+        rates = _values_at(runs, prefix + "rps")
+        # The median of each round's ratio, as for the targets below.
+        per_round = [run["rps"] / rate for run, rate in zip(runs, rates, strict=True)]
+        ratio = "—" if not prefix else _spread(per_round, _ratio)
+        lines.append(
+            f"| {title} | {_spread(rates, _rate)}"
+            f" | {_ms(spread(_values_at(runs, prefix + 'p50_ms'))[1])}"
+            f" | {_ms(spread(_values_at(runs, prefix + 'p99_ms'))[1])} | {ratio} |"
+        )
+    go = _median(runs, "ratio_go")
+    protocol = _median(runs, "ratio_protocol")
+    lines += [
+        "",
+        f"Targets: ≥ 1.0 × Go: {_ratio(go)}, {_met(go >= 1.0)}; ≥ 0.8 × the bare"
+        f" protocol: {_ratio(protocol)}, {_met(protocol >= 0.8)}.",
+    ]
+    if fixed := figures.get("read_fixed", {}).get("runs"):
+        p99 = _median(fixed, "p99_ms")
+        rate = figures["read_fixed"]["params"]["rate"]
+        lines[-1] += (
+            f" p99 at a fixed {rate:,} req/s ≤ 2 ms (hey, next section):"
+            f" {_ms(p99)}, {_met(p99 <= 2.0)}."
+        )
+        if all("go" in run for run in fixed):
+            lines[-1] += (
+                f" At the same rate, same rounds, hey measured a p99 of"
+                f" {_ms(spread(_values_at(fixed, 'go.p99_ms'))[1])} from Go's net/http and"
+                f" {_ms(spread(_values_at(fixed, 'protocol.p99_ms'))[1])} from the bare protocol."
+            )
+    return [*lines, ""]
+
+
+def _values_at(runs: list[Run], key: str) -> list[float]:
+    return [_lookup(run, key) for run in runs]
 
 
 def render(results: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ from mode import ServiceT
 
 from bridge.embedded_nats import EmbeddedNatsError, server_binary
 from bridge.nats_bridge import NatsBridge
-from streams import embedded_postgres
+from streams import embedded_postgres, fast_web, web_driver
 from streams.agent import BatchProcessor
 from streams.commands import install_commands
 from streams.config import ENVELOPES_PER_COMMIT, POOL_SIZE, ConfigError, Settings
@@ -35,7 +35,6 @@ from streams.monitor import LeanMonitor
 from streams.runtime import Runtime
 from streams.store import PostgresEventStore
 from streams.validation import is_valid_uid
-from streams.web_driver import Web
 from views.view import OrdersView
 from views.web import install_routes
 
@@ -78,8 +77,11 @@ class OrdersApp(faust.App):
         await super().on_first_start()
 
     def _new_web(self) -> faust.web.Web:
-        # Faust's factory for its web driver: ours skips aiohttp_cors when no CORS is configured.
-        return Web(self)
+        # Faust's factory for its web driver: the fast one, or Faust's aiohttp driver without
+        # aiohttp_cors when no CORS is configured (ORDERS_WEB_DRIVER).
+        if self.settings.web_driver == "fast":
+            return fast_web.Web(self)
+        return web_driver.Web(self)
 
     def on_init_dependencies(self) -> Iterable[ServiceT]:
         # The runtime goes last so it starts after the web server and the agent and stops first.

@@ -83,6 +83,9 @@ class Settings:
     nats_url: NATS URL or comma-separated seed list (``nats_servers`` splits it); ``None``
         starts an embedded nats-server under ``data_dir``.
     web_host / web_port: where the HTTP server listens.
+    web_driver: ``fast`` (default; httptools on the worker's loop, :mod:`streams.fast_web`) or
+        ``aiohttp`` (Faust's aiohttp driver, :mod:`streams.web_driver`); both serve the same
+        routes with the same limits.
     data_dir: embedded servers' data, Faust's own data dir and the files that let the
         publisher find an embedded NATS server.
     batch_size: most messages a NATS fetch brings in; a commit takes up to
@@ -112,6 +115,7 @@ class Settings:
     nats_url: str | None = None
     web_host: str = "127.0.0.1"
     web_port: int = 8080
+    web_driver: str = "fast"
     data_dir: Path = Path(".data")
     batch_size: int = 1000
     batch_max_wait_ms: int = 20
@@ -146,6 +150,7 @@ class Settings:
             nats_url=_nats_url(env, "ORDERS_NATS_URL"),
             web_host=_text(env, "ORDERS_WEB_HOST", defaults.web_host),
             web_port=_int(env, "ORDERS_WEB_PORT", defaults.web_port, 1, 65535),
+            web_driver=_choice(env, "ORDERS_WEB_DRIVER", defaults.web_driver, ("fast", "aiohttp")),
             data_dir=Path(_text(env, "ORDERS_DATA_DIR", str(defaults.data_dir))),
             batch_size=_int(env, "ORDERS_BATCH_SIZE", defaults.batch_size, 1, 100_000),
             batch_max_wait_ms=_int(

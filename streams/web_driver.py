@@ -11,28 +11,33 @@ request head (a slowloris client) or idles between requests stays open for an ho
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any
 
 from aiohttp.web import AppRunner
 from faust.types import AppT
 from faust.web.drivers import aiohttp as aiohttp_driver
 
-# aiohttp arms this timer when a connection opens and again after each response, and closes
-# the connection if no complete request head has arrived when it fires: one number bounds both
-# the wait for a request head and the idle time of a kept-alive connection. A request head has
-# this long to arrive whole, however slowly it trickles in.
-KEEPALIVE_TIMEOUT_S: Final = 10.0
+from streams.http_limits import KEEPALIVE_TIMEOUT_S, MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE
 
 
 class Web(aiohttp_driver.Web):
     """The aiohttp driver; CORS machinery only when CORS options exist; connections that
-    carry no complete request for :data:`KEEPALIVE_TIMEOUT_S` are closed."""
+    carry no complete request for
+    :data:`~streams.http_limits.KEEPALIVE_TIMEOUT_S` are closed."""
 
     def __init__(self, app: AppT, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
-        # Faust builds its runner with aiohttp's defaults; this one differs in the timeout only.
+        # Faust builds its runner with aiohttp's defaults; this one differs in the timeout only
+        # (aiohttp arms it when a connection opens and again after each response, and closes
+        # the connection if no complete request head has arrived when it fires). The sizes are
+        # aiohttp's defaults, named so that the fast driver applies the same ones.
         self._runner = AppRunner(
-            self.web_app, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT_S
+            self.web_app,
+            access_log=None,
+            keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+            max_line_size=MAX_LINE_SIZE,
+            max_field_size=MAX_FIELD_SIZE,
+            max_headers=MAX_HEADERS,
         )
 
     async def on_start(self) -> None:

@@ -105,6 +105,15 @@ async def own_nats(tmp_path: Path) -> AsyncIterator[EmbeddedNats]:
         await asyncio.to_thread(server.stop)
 
 
+@pytest.fixture(params=["fast", "aiohttp"])
+def web_driver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each web driver in turn (``ORDERS_WEB_DRIVER``) for the workers the test starts: a
+    test of the HTTP port marked ``@pytest.mark.usefixtures("web_driver")`` runs on both."""
+    driver: str = request.param
+    monkeypatch.setenv("ORDERS_WEB_DRIVER", driver)
+    return driver
+
+
 @pytest.fixture
 def model_order() -> bytes:
     """The reference order (the 'Wildberries L0' model) as bytes."""

@@ -26,6 +26,7 @@ def test_every_variable_is_read() -> None:
             "ORDERS_NATS_URL": "nats://nats:4222",
             "ORDERS_WEB_HOST": "0.0.0.0",
             "ORDERS_WEB_PORT": "9000",
+            "ORDERS_WEB_DRIVER": "aiohttp",
             "ORDERS_DATA_DIR": "/var/lib/orders",
             "ORDERS_BATCH_SIZE": "250",
             "ORDERS_BATCH_MAX_WAIT_MS": "5",
@@ -51,6 +52,7 @@ def test_every_variable_is_read() -> None:
         nats_url="nats://nats:4222",
         web_host="0.0.0.0",
         web_port=9000,
+        web_driver="aiohttp",
         data_dir=Path("/var/lib/orders"),
         batch_size=250,
         batch_max_wait_ms=5,
@@ -85,6 +87,7 @@ def test_every_variable_is_read() -> None:
         ("ORDERS_LOG_FORMAT", "xml", "ORDERS_LOG_FORMAT='xml': expected one of text, json"),
         ("ORDERS_CONSUME", "maybe", "ORDERS_CONSUME='maybe': expected true or false"),
         ("ORDERS_EVENT_LOOP", "trio", "expected one of uvloop, asyncio"),
+        ("ORDERS_WEB_DRIVER", "h2o", "expected one of fast, aiohttp"),
         ("ORDERS_NATS_REPLICAS", "7", "ORDERS_NATS_REPLICAS=7: expected a number from 1 to 5"),
     ],
 )

@@ -35,7 +35,7 @@ from tests.harness import Route
 from tests.orders import orders
 from tests.worker import Worker
 
-pytestmark = chaos
+pytestmark = [chaos, pytest.mark.usefixtures("web_driver")]
 
 OPENAPI: Final = Path(__file__).resolve().parent.parent / "views" / "static" / "openapi.json"
 UID: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")

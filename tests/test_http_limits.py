@@ -13,6 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import orjson
+import pytest
 from yarl import URL
 
 from tests.flow import wait_for_orders
@@ -20,9 +21,11 @@ from tests.harness import Route
 from tests.orders import orders
 from tests.worker import Worker
 
+pytestmark = pytest.mark.usefixtures("web_driver")
+
 OPENAPI: Final = Path(__file__).resolve().parent.parent / "views" / "static" / "openapi.json"
 SLOW_CLIENTS: Final = 50
-# Generous: the bound is streams.web_driver.KEEPALIVE_TIMEOUT_S; aiohttp's default was an hour.
+# Generous: the bound is streams.http_limits.KEEPALIVE_TIMEOUT_S; aiohttp's default was an hour.
 CLOSED_WITHIN_S: Final = 90.0
 REQUEST: Final = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 PARTIAL_HEAD: Final = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "

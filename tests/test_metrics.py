@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from publisher.messages import Message
 from tests.flow import wait_for_orders
 from tests.harness import Route, metric_key, parse_metrics
@@ -11,6 +13,7 @@ from tests.orders import orders
 from tests.worker import Worker
 
 
+@pytest.mark.usefixtures("web_driver")
 async def test_metrics_count_a_known_run(tmp_path: Path, database_url: str, route: Route) -> None:
     good = orders(5, seed=31)
     repeated = Message(good[0].data, "duplicate", good[0].uid)

@@ -47,9 +47,12 @@ CHROMIUM_ARGS: Final = [
 ]
 SCREENSHOT: Final = Path(__file__).resolve().parent.parent / "docs" / "page.png"
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="Chromium not installed: apt-get install chromium"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="Chromium not installed: apt-get install chromium"
+    ),
+    pytest.mark.usefixtures("web_driver"),
+]
 
 NOT_READY: Final = "The service is still loading orders, try again in a moment."
 

@@ -19,6 +19,7 @@ from tests.orders import new_uid, order_bytes
 from tests.worker import FAUST, Worker
 
 
+@pytest.mark.usefixtures("web_driver")
 async def test_orders_are_served_and_survive_a_restart(
     tmp_path: Path, database_url: str, nats_url: str, store: PostgresEventStore
 ) -> None:
@@ -42,6 +43,7 @@ async def test_orders_are_served_and_survive_a_restart(
             assert status == 200 and orjson.loads(body)["order_uid"] == uid
 
 
+@pytest.mark.usefixtures("web_driver")
 async def test_http_answers_unknown_and_malformed_uids_clearly(
     tmp_path: Path, database_url: str, nats_url: str
 ) -> None:
@@ -64,6 +66,7 @@ async def test_http_answers_unknown_and_malformed_uids_clearly(
         assert status == 200
 
 
+@pytest.mark.usefixtures("web_driver")
 async def test_readyz_says_503_until_the_view_is_restored(
     tmp_path: Path,
     database_url: str,

@@ -50,15 +50,21 @@ class Worker:
 
     It runs in ``data_dir`` and logs to ``data_dir/worker.log``. Of this process's environment
     it inherits all but the ``ORDERS_`` settings, so that a developer's shell does not change
-    what a test or a benchmark runs. ``started_at`` is ``time.perf_counter()`` just before the
-    process is spawned; :meth:`wait_ready` sets ``answered_at`` (the web server's first answer)
-    and ``ready_at`` (the first 200).
+    what a test or a benchmark runs; ``ORDERS_WEB_DRIVER`` alone is passed on, since the
+    ``web_driver`` fixture chooses the driver that way for every worker of its test.
+    ``started_at`` is ``time.perf_counter()`` just before the process is spawned;
+    :meth:`wait_ready` sets ``answered_at`` (the web server's first answer) and ``ready_at``
+    (the first 200).
     """
 
     def __init__(self, data_dir: Path, *, cpus: str | None = None, **env: str) -> None:
         self.data_dir = data_dir
         self.port = free_port()
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("ORDERS_")}
+        inherited = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("ORDERS_") or k == "ORDERS_WEB_DRIVER"
+        }
         self.env = {
             **inherited,
             "ORDERS_DATA_DIR": str(data_dir),
