@@ -24,6 +24,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from bridge.acks import ACK, PROGRESS, nak, reply_all
+from bridge.client import BridgeClient
 from bridge.embedded_nats import EmbeddedNats
 from bridge.jetstream import Refused, check_stream, ensure_consumer, ensure_stream
 from bridge.pull import Inbox, PullRefused
@@ -217,14 +218,16 @@ class NatsBridge:
         """The connection, opened if need be, with the stream and the consumer in place."""
         if self._nc is None or self._nc.is_closed:
             assert self.servers
-            self._nc = await nats.connect(
+            nc = BridgeClient()
+            await nc.connect(
                 servers=self.servers,
                 # In the order given: the operator says which server to try first, and every
                 # start and reconnect tries them the same way, which the log can then tell.
                 dont_randomize=True,
                 name="orders-service",
                 max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
+                # nats-py annotates an int but waits any number of seconds (asyncio.sleep).
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]
                 ping_interval=_PING_INTERVAL_S,
                 max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
                 connect_timeout=5,
@@ -232,6 +235,7 @@ class NatsBridge:
                 reconnected_cb=self._on_reconnected,
                 error_cb=self._on_error,
             )
+            self._nc = nc
             self.metrics.nats_connected.set(1)
             log.info("connected to NATS at %s", _url_of(self._nc))
         js = self._nc.jetstream()
