@@ -39,7 +39,8 @@ async def reply_all(nc: Client, replies: Iterable[tuple[Msg, bytes]]) -> None:
     """Publish each payload to its message's reply subject, in one write and one flush.
 
     Raises as ``Client.publish`` does on a closed or draining connection. While the
-    connection is away the frames wait in nats-py's outgoing buffer, as a publish's would.
+    connection is away the frames wait in nats-py's outgoing buffer, as a publish's would,
+    and are refused when the buffer is full.
     """
     # The checks Client.publish makes before it queues a frame.
     if nc.is_closed:
@@ -49,6 +50,11 @@ async def reply_all(nc: Client, replies: Iterable[tuple[Msg, bytes]]) -> None:
     # A message without a reply subject cannot be acked (Msg.ack raises for it): an empty
     # subject would be a malformed frame, and the server would close the connection.
     frames = b"".join(pub_cmd(msg.reply, "", payload) for msg, payload in replies if msg.reply)
+    if not nc.is_connected and (
+        nc._max_pending_size <= 0 or len(frames) + nc._pending_data_size > nc._max_pending_size
+    ):
+        # As Client.publish: while reconnecting, frames are kept only up to the buffer's size.
+        raise nats.errors.OutboundBufferLimitError
     if frames:
         # Client._send_command and _flush_pending are what Client.publish does after building
         # its frame (nats-py 2.x); tests/test_acks.py checks the bytes the server receives.
