@@ -78,27 +78,28 @@ def rows(figures: dict[str, Any]) -> list[Row]:
     """The table's lines, for the figures present."""
     out: list[Row] = []
     if runs := figures.get("ingest", {}).get("runs"):
-        ratio = _median(runs, "ratio")
-        out.append(
-            Row(
-                f"ingest, {figures['ingest']['params']['orders']:,} orders (orders/s)",
-                _spread(_values(runs, "orders_per_s"), _rate),
-                _spread(_values(runs, "ceiling_orders_per_s"), _rate),
-                _spread(_values(runs, "ratio"), _ratio),
-                "≥ 0.6 of the ceiling",
-                ratio >= 0.6,
-            )
-        )
+        params = figures["ingest"]["params"]
+        # The specified ceiling, and (in results that have it) the service's own shape.
+        ceilings = [("", "ceiling_orders_per_s", "ratio", "≥ 0.6 of the ceiling", 0.6)]
         if "ratio_in_flight" in runs[0]:
-            in_flight = figures["ingest"]["params"]["ceiling_in_flight"]
+            ceilings.append(
+                (
+                    f", against {params['ceiling_in_flight']} transactions in flight",
+                    "ceiling_in_flight_orders_per_s",
+                    "ratio_in_flight",
+                    "≥ 0.8 of that ceiling",
+                    0.8,
+                )
+            )
+        for against, ceiling_key, ratio_key, target, bound in ceilings:
             out.append(
                 Row(
-                    f"ingest, against {in_flight} transactions in flight (orders/s)",
+                    f"ingest, {params['orders']:,} orders{against} (orders/s)",
                     _spread(_values(runs, "orders_per_s"), _rate),
-                    _spread(_values(runs, "ceiling_in_flight_orders_per_s"), _rate),
-                    _spread(_values(runs, "ratio_in_flight"), _ratio),
-                    "≥ 0.8 of that ceiling",
-                    _median(runs, "ratio_in_flight") >= 0.8,
+                    _spread(_values(runs, ceiling_key), _rate),
+                    _spread(_values(runs, ratio_key), _ratio),
+                    target,
+                    _median(runs, ratio_key) >= bound,
                 )
             )
     if runs := figures.get("latency", {}).get("runs"):
