@@ -2,7 +2,9 @@
 from the first publish until the last order is committed and served; beside it, the ceiling of
 the database write itself: the same payloads appended by a bare aiopg script in batches of
 1,000, with the service's own statements (``APPEND_SQL``, then ``NOTIFY_SQL`` with the store's
-``commit_notice``) in one transaction each.
+``commit_notice``) in one transaction each; and the stricter ceiling of the service's own
+shape, the same script with ``COMMITS_IN_FLIGHT`` transactions in flight on as many
+connections.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections.abc import Iterator
 from typing import Any, Final
 
 import aiohttp
@@ -28,6 +31,7 @@ from bench.servers import (
 )
 from publisher.messages import Message
 from publisher.publish import publish
+from streams.config import COMMITS_IN_FLIGHT
 from streams.store import APPEND_SQL, EVENT_TYPE, NOTIFY_CHANNEL, NOTIFY_SQL, commit_notice
 from tests.harness import Route
 from tests.orders import orders
@@ -40,30 +44,50 @@ SEED: Final = 1001
 SAMPLE_EVERY: Final = 100
 
 
-async def ceiling(dsn: str, messages: list[Message], batch: int = CEILING_BATCH) -> float:
-    """Seconds a bare aiopg loop takes to append ``messages`` as the service's store does."""
-    conn = await aiopg.connect(dsn, enable_json=False, enable_hstore=False, enable_uuid=False)
+async def ceiling(
+    dsn: str, messages: list[Message], batch: int = CEILING_BATCH, in_flight: int = 1
+) -> float:
+    """Seconds a bare aiopg script takes to append ``messages`` as the service's store does,
+    with ``in_flight`` transactions at once, each on its own connection taking the next batch
+    when its last one commits: 1 is the ceiling as specified (batch after batch), 2 is the
+    service's own shape (``COMMITS_IN_FLIGHT``), where the second append waits for the append
+    lock inside PostgreSQL and goes on the moment the first commits."""
+    conns = [
+        await aiopg.connect(dsn, enable_json=False, enable_hstore=False, enable_uuid=False)
+        for _ in range(in_flight)
+    ]
     try:
-        cur = await conn.cursor()
+        cursors = [await conn.cursor() for conn in conns]
+        chunks = iter(range(0, len(messages), batch))
         started = time.perf_counter()
-        for first in range(0, len(messages), batch):
-            chunk = messages[first : first + batch]
-            uids = [message.uid for message in chunk]
-            texts = [message.data.decode() for message in chunk]
-            await cur.execute("BEGIN")
-            await cur.execute(APPEND_SQL, (EVENT_TYPE, uids, texts))
-            rows = await cur.fetchall()
-            notice = commit_notice(max(row[0] for row in rows), CEILING_WRITER)
-            await cur.execute(NOTIFY_SQL, (NOTIFY_CHANNEL, notice))
-            await cur.execute("COMMIT")
+        await asyncio.gather(*(_append_chunks(cur, messages, batch, chunks) for cur in cursors))
         elapsed = time.perf_counter() - started
-        cur.close()
+        for cur in cursors:
+            cur.close()
     finally:
-        await conn.close()
+        for conn in conns:
+            await conn.close()
     stored = dataset.count_events(dsn)
     if stored != len(messages):
         raise RuntimeError(f"the ceiling stored {stored} events, expected {len(messages)}")
     return elapsed
+
+
+async def _append_chunks(
+    cur: aiopg.Cursor, messages: list[Message], batch: int, chunks: Iterator[int]
+) -> None:
+    """One transaction per batch on ``cur``, for as long as ``chunks`` (shared by the
+    connections of one ceiling) hands out the start of another batch."""
+    for first in chunks:
+        chunk = messages[first : first + batch]
+        uids = [message.uid for message in chunk]
+        texts = [message.data.decode() for message in chunk]
+        await cur.execute("BEGIN")
+        await cur.execute(APPEND_SQL, (EVENT_TYPE, uids, texts))
+        rows = await cur.fetchall()
+        notice = commit_notice(max(row[0] for row in rows), CEILING_WRITER)
+        await cur.execute(NOTIFY_SQL, (NOTIFY_CHANNEL, notice))
+        await cur.execute("COMMIT")
 
 
 async def _view_holds(worker: Worker, count: int, timeout: float) -> None:
@@ -177,16 +201,22 @@ async def run(ctx: Context) -> dict[str, Any]:
     for index in range(ctx.runs):
         load_before = load_average()
         meter = ctx.servers.cpu_meter()
+        # The service between its two ceilings, so that a change of the machine's pace
+        # during a run weighs on both ratios alike.
         with fresh_database(ctx.servers.admin_url) as dsn:
             ceiling_s = await ceiling(dsn, messages)
         ctx.say(f"ingest run {index + 1}: ceiling {count / ceiling_s:,.0f} orders/s")
         with fresh_database(ctx.servers.admin_url) as dsn:
             measured = await service(ctx, dsn, messages, index + 1)
         with fresh_database(ctx.servers.admin_url) as dsn:
+            in_flight_s = await ceiling(dsn, messages, in_flight=COMMITS_IN_FLIGHT)
+        with fresh_database(ctx.servers.admin_url) as dsn:
             drained = await drain(ctx, dsn, messages)
         ctx.say(
             f"ingest run {index + 1}: service {measured['orders_per_s']:,.0f} orders/s"
             f" (publish rate {measured['publish_per_s']:,.0f}/s);"
+            f" ceiling with {COMMITS_IN_FLIGHT} transactions in flight"
+            f" {count / in_flight_s:,.0f} orders/s;"
             f" draining a published backlog {drained['drain_orders_per_s']:,.0f} orders/s"
         )
         runs.append(
@@ -196,6 +226,9 @@ async def run(ctx: Context) -> dict[str, Any]:
                 "ceiling_seconds": ceiling_s,
                 "ceiling_orders_per_s": count / ceiling_s,
                 "ratio": measured["orders_per_s"] / (count / ceiling_s),
+                "ceiling_in_flight_seconds": in_flight_s,
+                "ceiling_in_flight_orders_per_s": count / in_flight_s,
+                "ratio_in_flight": measured["orders_per_s"] / (count / in_flight_s),
                 "load_before": load_before,
                 "load_after": load_average(),
                 "foreign_cpu": meter.foreign_share(),
@@ -207,6 +240,7 @@ async def run(ctx: Context) -> dict[str, Any]:
                 "orders": count,
                 "mean_payload_bytes": round(mean_bytes),
                 "ceiling_batch": CEILING_BATCH,
+                "ceiling_in_flight": COMMITS_IN_FLIGHT,
             },
             "runs": runs,
         }

@@ -78,17 +78,30 @@ def rows(figures: dict[str, Any]) -> list[Row]:
     """The table's lines, for the figures present."""
     out: list[Row] = []
     if runs := figures.get("ingest", {}).get("runs"):
-        ratio = _median(runs, "ratio")
-        out.append(
-            Row(
-                f"ingest, {figures['ingest']['params']['orders']:,} orders (orders/s)",
-                _spread(_values(runs, "orders_per_s"), _rate),
-                _spread(_values(runs, "ceiling_orders_per_s"), _rate),
-                _spread(_values(runs, "ratio"), _ratio),
-                "≥ 0.6 of the ceiling",
-                ratio >= 0.6,
+        params = figures["ingest"]["params"]
+        # The specified ceiling, and (in results that have it) the service's own shape.
+        ceilings = [("", "ceiling_orders_per_s", "ratio", "≥ 0.6 of the ceiling", 0.6)]
+        if "ratio_in_flight" in runs[0]:
+            ceilings.append(
+                (
+                    f", against {params['ceiling_in_flight']} transactions in flight",
+                    "ceiling_in_flight_orders_per_s",
+                    "ratio_in_flight",
+                    "≥ 0.8 of that ceiling",
+                    0.8,
+                )
             )
-        )
+        for against, ceiling_key, ratio_key, target, bound in ceilings:
+            out.append(
+                Row(
+                    f"ingest, {params['orders']:,} orders{against} (orders/s)",
+                    _spread(_values(runs, "orders_per_s"), _rate),
+                    _spread(_values(runs, ceiling_key), _rate),
+                    _spread(_values(runs, ratio_key), _ratio),
+                    target,
+                    _median(runs, ratio_key) >= bound,
+                )
+            )
     if runs := figures.get("latency", {}).get("runs"):
         params = figures["latency"]["params"]
         out.append(
@@ -225,7 +238,12 @@ def _figure_sections(figures: dict[str, Any]) -> list[str]:
             "",
             "Ceiling: a bare aiopg script appends the same payloads to the same (fresh) table in"
             f" batches of {params['ceiling_batch']:,}, one transaction each, with the store's own"
-            " statements: `streams.store.APPEND_SQL` (imported, not copied) and `NOTIFY_SQL`.",
+            " statements: `streams.store.APPEND_SQL` (imported, not copied) and `NOTIFY_SQL`."
+            f' The stricter ceiling, "{params.get("ceiling_in_flight", 2)} in flight", is the'
+            " service's own shape: the same script with that many transactions at once, each on"
+            " a connection of its own taking the next batch when its last one commits (the"
+            " second append waits for the append lock inside PostgreSQL). Each run measures"
+            " the one-transaction ceiling, the service, then the stricter ceiling.",
             "",
             _runs_table(
                 figure["runs"],
@@ -236,6 +254,8 @@ def _figure_sections(figures: dict[str, Any]) -> list[str]:
                     ("draining a backlog, /s", "drain_orders_per_s", _rate),
                     ("ceiling orders/s", "ceiling_orders_per_s", _rate),
                     ("ratio", "ratio", _ratio),
+                    ("ceiling in flight, orders/s", "ceiling_in_flight_orders_per_s", _rate),
+                    ("ratio in flight", "ratio_in_flight", _ratio),
                     ("served as published", "as_published", lambda v: f"{100 * v:.0f} %"),
                     ("batches", "batches", _rate),
                     ("mean batch", "mean_batch", _rate),

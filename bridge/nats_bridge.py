@@ -23,6 +23,8 @@ import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from bridge.acks import ACK, PROGRESS, nak, reply_all
+from bridge.client import BridgeClient
 from bridge.embedded_nats import EmbeddedNats
 from bridge.jetstream import Refused, check_stream, ensure_consumer, ensure_stream
 from bridge.pull import Inbox, PullRefused
@@ -39,6 +41,7 @@ _FETCH_WAIT_S: Final = 1.0
 # A refused stream or consumer waits for an operator: look again now and then, not in a loop.
 _REFUSED_RETRY_S: Final = 10.0
 _NAK_DELAY_S: Final = 2.0
+_NAK: Final = nak(_NAK_DELAY_S)
 _REMIND_ERRORS_S: Final = 30.0
 _STOP_GRACE_S: Final = 30.0
 _POLL_CONSUMER_S: Final = 5.0
@@ -179,7 +182,7 @@ class NatsBridge:
                     continue
                 envelope = Envelope([msg.data for msg in messages], self._sources(messages))
                 await self._send_to_agent(envelope)
-                task = asyncio.create_task(self._ack_when_settled(messages, envelope))
+                task = asyncio.create_task(self._ack_when_settled(nc, messages, envelope))
                 task.add_done_callback(functools.partial(_put_back, free, inbox))
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
@@ -190,7 +193,7 @@ class NatsBridge:
             if handed_back:
                 log.info("%d messages received but not started handed back to NATS", handed_back)
 
-    async def _ack_when_settled(self, messages: list[Msg], envelope: Envelope) -> None:
+    async def _ack_when_settled(self, nc: Client, messages: list[Msg], envelope: Envelope) -> None:
         # A batch held up by the database keeps its messages: tell JetStream we are still on
         # them, rather than let ack_wait expire and have them redelivered meanwhile.
         keep_alive = self.settings.nats_ack_wait_s / 2
@@ -199,30 +202,32 @@ class NatsBridge:
                 outcomes = await asyncio.wait_for(asyncio.shield(envelope.settled), keep_alive)
                 break
             except TimeoutError:
-                for msg in messages:
-                    with contextlib.suppress(*_NATS_ERRORS):
-                        await msg.in_progress()
-        for msg, outcome in zip(messages, outcomes, strict=True):
-            with contextlib.suppress(*_NATS_ERRORS):
-                # An ack that cannot be sent is not lost work: the message comes back, and
-                # its uid is already in the log.
-                if outcome is Outcome.FAILED:
-                    await msg.nak(delay=_NAK_DELAY_S)
-                else:
-                    await msg.ack()
+                with contextlib.suppress(*_NATS_ERRORS):
+                    await reply_all(nc, [(msg, PROGRESS) for msg in messages])
+        # The whole fetch in one write (bridge/acks.py), each message acked or nakked by
+        # itself, and only now that its outcome is committed. An ack that cannot be sent is
+        # not lost work: the message comes back, and its uid is already in the log.
+        replies = [
+            (msg, _NAK if outcome is Outcome.FAILED else ACK)
+            for msg, outcome in zip(messages, outcomes, strict=True)
+        ]
+        with contextlib.suppress(*_NATS_ERRORS):
+            await reply_all(nc, replies)
 
     async def _connected(self) -> Client:
         """The connection, opened if need be, with the stream and the consumer in place."""
         if self._nc is None or self._nc.is_closed:
             assert self.servers
-            self._nc = await nats.connect(
+            nc = BridgeClient()
+            await nc.connect(
                 servers=self.servers,
                 # In the order given: the operator says which server to try first, and every
                 # start and reconnect tries them the same way, which the log can then tell.
                 dont_randomize=True,
                 name="orders-service",
                 max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
+                # nats-py annotates an int but waits any number of seconds (asyncio.sleep).
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]
                 ping_interval=_PING_INTERVAL_S,
                 max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
                 connect_timeout=5,
@@ -230,6 +235,7 @@ class NatsBridge:
                 reconnected_cb=self._on_reconnected,
                 error_cb=self._on_error,
             )
+            self._nc = nc
             self.metrics.nats_connected.set(1)
             log.info("connected to NATS at %s", _url_of(self._nc))
         js = self._nc.jetstream()

@@ -34,6 +34,8 @@ LAYERS: dict[str, int] = {
     "bridge.nats_bridge": PARTS,
     "bridge.jetstream": PARTS,
     "bridge.pull": PARTS,
+    "bridge.acks": PARTS,
+    "bridge.client": PARTS,
     "bridge.embedded_nats": PARTS,
     "streams.config": BLOCKS,
     "streams.envelope": BLOCKS,

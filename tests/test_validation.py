@@ -24,6 +24,16 @@ MALFORMED: list[tuple[str, bytes, str]] = [
     ("truncated", order_bytes("cut")[:120], "not valid JSON"),
     ("NaN literal", order_bytes("nan").replace(b'"sm_id":99', b'"sm_id":NaN'), "not valid JSON"),
     ("invalid UTF-8", order_bytes("utf").replace(b"Mascaras", b"Mas\xff\xfe"), "not valid UTF-8"),
+    (
+        "invalid UTF-8 in a field the shape does not name",
+        order_bytes("utf2", note="x").replace(b'"note":"x"', b'"note":"\xc3("'),
+        "not valid UTF-8",
+    ),
+    (
+        "U+0000 escaped in a field the shape does not name",
+        order_bytes("nul2", note="\x00"),
+        "U+0000",
+    ),
     ("a JSON array", b"[1, 2]", "order: expected object, got array"),
     ("a JSON string", b'"order"', "order: expected object, got string"),
     ("null", b"null", "order: expected object, got null"),
