@@ -161,7 +161,9 @@ async def hey(command: list[str]) -> dict[str, Any]:
     return parse_hey(out.decode())
 
 
-def _spawn_bare_server(dsn: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
+def _spawn_bare_server(
+    dsn: str, port: int, log_path: Path, uid_file: Path | None
+) -> subprocess.Popen[bytes]:
     command = [
         "taskset",
         "-c",
@@ -173,6 +175,7 @@ def _spawn_bare_server(dsn: str, port: int, log_path: Path) -> subprocess.Popen[
         dsn,
         "--port",
         str(port),
+        *(("--uids", str(uid_file)) if uid_file is not None else ()),
     ]
     with open(log_path, "ab") as log:
         return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -183,13 +186,14 @@ def _tail(path: Path) -> str:
 
 
 @contextlib.asynccontextmanager
-async def bare_server(dsn: str, log_path: Path) -> AsyncIterator[str]:
-    """The ceiling's server on core 0; yields its base URL once it serves."""
+async def bare_server(dsn: str, log_path: Path, uid_file: Path | None = None) -> AsyncIterator[str]:
+    """The ceiling's server on core 0 (holding only the orders of ``uid_file`` if given);
+    yields its base URL once it serves."""
     port = free_port()
-    process = _spawn_bare_server(dsn, port, log_path)
+    process = _spawn_bare_server(dsn, port, log_path, uid_file)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900
         async with aiohttp.ClientSession() as http:
             while True:
                 if process.poll() is not None:
@@ -199,14 +203,14 @@ async def bare_server(dsn: str, log_path: Path) -> AsyncIterator[str]:
                         if response.status == 200:
                             break
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the bare server did not start within 300 s")
+                    raise RuntimeError("the bare server did not start within 900 s")
                 await asyncio.sleep(0.05)
         yield base
     finally:
         end_process(process)
 
 
-async def _get(url: str) -> tuple[int, bytes]:
+async def get(url: str) -> tuple[int, bytes]:
     async with aiohttp.ClientSession() as http, http.get(url) as response:
         return response.status, await response.read()
 
@@ -232,8 +236,8 @@ async def run(ctx: Context) -> dict[str, Any]:
                     raise RuntimeError(f"the worker's view holds {readyz['orders']} orders")
                 async with bare_server(dsn, scratch / "bare.log") as bare:
                     for uid in (uids[0], uids[-1]):
-                        served = await _get(f"{worker.base}/orders/{uid}")
-                        bare_served = await _get(f"{bare}/orders/{uid}")
+                        served = await get(f"{worker.base}/orders/{uid}")
+                        bare_served = await get(f"{bare}/orders/{uid}")
                         if served != bare_served or served[0] != 200:
                             raise RuntimeError(f"the worker and the bare server differ on {uid}")
                     for base in (worker.base, bare):

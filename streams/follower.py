@@ -162,6 +162,7 @@ class ViewFollower:
         paused = Episode(log)
         backoff = Backoff(first=poll_s)
         listen_again_at = 0.0
+        wait_s = poll_s  # 0 while snapshot pages are due: one page a round, rounds back to back
         this_task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         try:
@@ -177,12 +178,12 @@ class ViewFollower:
                     self._listener = await self._listen(poll_s)
                     if self._listener is None:
                         listen_again_at = loop.time() + _LISTEN_AGAIN_S
-                        await asyncio.sleep(poll_s)
+                        await asyncio.sleep(wait_s)
                 elif self._listener is None:
-                    await asyncio.sleep(poll_s)
+                    await asyncio.sleep(wait_s)
                 else:
                     try:
-                        woken = await self._listener.wait(poll_s)
+                        woken = await self._listener.wait(wait_s)
                     except StoreUnavailable as exc:
                         log.warning("LISTEN connection lost, polling meanwhile: %s", exc)
                         await self._listener.close()
@@ -193,7 +194,7 @@ class ViewFollower:
                     if woken or self.lag:
                         await self.catch_up()
                     # One page a round, so that following the log never waits for many.
-                    await self.write_snapshot_page()
+                    wait_s = 0.0 if await self.write_snapshot_page() else poll_s
                     paused.over("following the log again")
                     backoff.reset()
                 except StoreUnavailable as exc:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Final, Protocol, TypeVar, overload
 
 import zstandard
@@ -65,10 +65,11 @@ class Codec:
         ).decompress
 
     @classmethod
-    def train(cls, samples: list[bytes | bytearray | memoryview]) -> Codec | None:
+    def train(cls, samples: Sequence[bytes]) -> Codec | None:
         """A dictionary trained on ``samples``, or None when zstd finds too little to train on."""
+        chunks: list[bytes | bytearray | memoryview] = [*samples]
         try:
-            trained = zstandard.train_dictionary(DICTIONARY_BYTES, samples, level=LEVEL)
+            trained = zstandard.train_dictionary(DICTIONARY_BYTES, chunks, level=LEVEL)
         except zstandard.ZstdError:
             return None
         return cls(trained.as_bytes())
@@ -169,7 +170,7 @@ class OrdersView(Mapping[str, bytes]):
 
     def _train(self) -> None:
         first = itertools.islice(self._orders.values(), 0, self._train_after)
-        samples: list[bytes | bytearray | memoryview] = [self._unpack(f) for f in first]
+        samples = [self._unpack(frame) for frame in first]
         codec = Codec.train(samples)
         if codec is None:
             self._train_after *= 2  # too alike or too few to learn from: try again later
