@@ -169,13 +169,15 @@ class OrdersView(Mapping[str, bytes]):
                 orders[event.order_uid] = self._pack(event.payload)
 
     def _train(self) -> None:
-        first = itertools.islice(self._orders.values(), 0, self._train_after)
-        samples = [self._unpack(frame) for frame in first]
-        codec = Codec.train(samples)
-        if codec is None:
-            self._train_after *= 2  # too alike or too few to learn from: try again later
-            return
-        self.adopt(codec.dictionary)
+        # Too few (or too alike) to learn from: try again on twice as many, at once if the
+        # view holds them, otherwise when it does.
+        while len(self._orders) >= self._train_after:
+            first = itertools.islice(self._orders.values(), 0, self._train_after)
+            codec = Codec.train([self._unpack(frame) for frame in first])
+            if codec is not None:
+                self.adopt(codec.dictionary)
+                return
+            self._train_after *= 2
 
     @overload
     def get(self, order_uid: str, /) -> bytes | None: ...
