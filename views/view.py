@@ -53,13 +53,22 @@ class Codec:
         self.dictionary = dictionary
         self.digest = hashlib.sha256(dictionary).digest()
         data = zstandard.ZstdCompressionDict(dictionary)
-        self.compress: Callable[[bytes], bytes] = zstandard.ZstdCompressor(
+        compress = zstandard.ZstdCompressor(
             level=LEVEL,
             dict_data=data,
             write_checksum=False,
             write_dict_id=False,
             write_content_size=True,
         ).compress
+
+        def compress_compact(payload: bytes) -> bytes:
+            # zstandard allocates the worst-case size (over 512 bytes: from malloc, not from
+            # Python's small-object pools) and shrinks it in place; millions of such frames
+            # pin the freed rest of every block. A copy of the frame lands in the pools: after
+            # a start from the log, 360 bytes of RSS an order instead of 1,400.
+            return bytes(memoryview(compress(payload)))
+
+        self.compress: Callable[[bytes], bytes] = compress_compact
         self.decompress: Callable[[bytes], bytes] = zstandard.ZstdDecompressor(
             dict_data=data
         ).decompress
