@@ -87,6 +87,11 @@ class ViewFollower:
     async def _restore_from_pages(self) -> int:
         if self.snapshots is None or self._pages is None:
             return 0
+        if not self.snapshots.snapshot_reads:
+            log.info(
+                "snapshot pages off (orders_view_pages and orders_view_dictionary missing, or"
+                " not readable by this role): the view is restored from the log alone"
+            )
         outcome = await restore_from_pages(self.view, self.snapshots)
         self._pages.taken_from_pages(outcome)
         if outcome.pages:
