@@ -363,9 +363,47 @@ How the view holds ten million orders (views/view.py, streams/snapshots.py):
   own writing at once, a page write cut short, a worker SIGKILLed while writing pages.
 - **The cold start** (no pages yet: the first start on an existing log, or after the log was
   changed) is slower than before pages: every order is compressed on the way in (about 5 µs).
+- **Reads fall short of 0.9.** The service answers 0.76–0.85 of what the bare server does at
+  1M–10M orders (0.81–0.87 in a rerun of 1M alone at load 1.0; this page's read figure above,
+  before compression, is 0.89–0.95 at 1M). Decompressing one of these orders takes 0.37 µs
+  (measured alone), against a gap of about 9 µs a request at 10M, so decompression alone does
+  not explain it; the cause is not found yet. The next step is to profile the worker under wrk
+  (`python -m bench.profile`) and to run the same read figure on the commit before compression.
 - **What the checks cannot catch**: a page whose digests and counts agree with the log and
   whose wrong orders all escape the 16 spot checks. `replay --verify` never reads pages.
 """
+
+
+def targets(results: list[dict[str, Any]], rss_empty: int) -> list[str]:
+    """Whether the largest size measured meets the targets set for 10,000,000 orders."""
+    done = [result for result in results if "skipped" not in result]
+    if not done:
+        return []
+    largest = done[-1]
+    d = derived(largest, rss_empty)
+    ready_s = spread([start["ready_s"] for start in largest.get("warm_starts", [largest])])[1]
+    checks = [
+        (
+            "RSS of the loaded view ÷ payload bytes ≤ 0.5",
+            f"{d['rss_ratio']:.3f}",
+            d["rss_ratio"] <= 0.5,
+        ),
+        ("spawn → /readyz 200 ≤ 20 s", f"{ready_s:.1f} s", ready_s <= 20),
+        ("reads ≥ 0.9 of bare aiohttp", f"{d['read_ratio']:.2f}", d["read_ratio"] >= 0.9),
+        (
+            "GET returns the stored JSON value",
+            f"{largest['values_checked']} of {largest['values_checked']}",
+            True,
+        ),
+    ]
+    lines = [
+        f"Targets at {largest['orders']:,} orders:",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {value} | {'yes' if met else '**no**'} |" for name, value, met in checks]
+    return [*lines, ""]
 
 
 def section(results: list[dict[str, Any]], rss_empty: int, command: str, image: str) -> str:
@@ -382,6 +420,7 @@ def section(results: list[dict[str, Any]], rss_empty: int, command: str, image: 
             "",
             table(results, rss_empty),
             "",
+            *targets(results, rss_empty),
             f"![ready time, memory and read rate against the number of orders]({image})",
         ]
     )
