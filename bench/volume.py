@@ -364,8 +364,8 @@ How the view holds ten million orders (views/view.py, streams/snapshots.py):
 - **The cold start** (no pages yet: the first start on an existing log, or after the log was
   changed) is slower than before pages: every order is compressed on the way in (about 5 µs).
 - **Reads fall short of 0.9.** The service answers 0.76–0.85 of what the bare server does at
-  1M–10M orders (0.81–0.87 in a rerun of 1M alone at load 1.0; this page's read figure above,
-  before compression, is 0.89–0.95 at 1M). Decompressing one of these orders takes 0.37 µs
+  1M–10M orders (0.81–0.87 in a rerun of 1M alone at load 1.0); the read figure above, taken
+  before compression at 100k orders, is 0.96 (0.90–0.97). Decompressing one takes 0.37 µs
   (measured alone), against a gap of about 9 µs a request at 10M, so decompression alone does
   not explain it; the cause is not found yet. The next step is to profile the worker under wrk
   (`python -m bench.profile`) and to run the same read figure on the commit before compression.
