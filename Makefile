@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run publish replay test lint typecheck pytest test-docker clean bench bench-smoke chaos
+.PHONY: install run publish replay test lint typecheck pytest test-docker clean bench bench-smoke bench-scale chaos
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,13 @@ bench: install  ## the benchmarks (~10 min): bench/results.json and docs/benchma
 bench-smoke: install  ## every benchmark with tiny sizes, 1 run each: the scripts still work
 	$(BIN)/python -m bench --smoke $(BENCH_ARGS)
 	$(BIN)/python -m bench.scale --smoke --output "$$(mktemp)"
+	$(BIN)/python -m bench.volume --smoke --output "$$(mktemp)"
+
+# Not in CI: 100k, 1M, 3M and 10M orders (~1 hour; the 10M database, ~17 GB, is dropped at the
+# end). The curves go to docs/volume.png and the table into docs/benchmarks.md.
+bench-scale: install  ## ready time, memory and reads from 100k to 10M orders, as curves
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	$(BIN)/python -m bench.volume $(BENCH_ARGS)
 
 # The fault-injection and hostile-input suite (tests marked chaos) at full sizes, ~15 min; its
 # bounded form runs inside `make test`. Figures: [chaos] lines, and .data/chaos/figures.jsonl.

@@ -11,17 +11,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from pathlib import Path
 
 import psycopg2
 import uvloop
 from aiohttp import web
 
 
-def load(dsn: str) -> dict[str, bytes]:
+def load(dsn: str, uids: list[str] | None = None) -> dict[str, bytes]:
+    """Every order of the log, or only those of ``uids`` (a log too large to hold twice)."""
     conn = psycopg2.connect(dsn)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT order_uid, payload::text FROM orders_events ORDER BY seq")
+            if uids is None:
+                cur.execute("SELECT order_uid, payload::text FROM orders_events ORDER BY seq")
+            else:
+                cur.execute(
+                    "SELECT order_uid, payload::text FROM orders_events"
+                    " WHERE order_uid = ANY(%s) ORDER BY seq",
+                    (uids,),
+                )
             return {uid: text.encode() for uid, text in cur.fetchall()}
     finally:
         conn.close()
@@ -51,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--uids", type=Path, help="serve only the uids of this file (one a line)")
     args = parser.parse_args(argv)
-    orders = load(args.database_url)
+    orders = load(args.database_url, args.uids.read_text().split() if args.uids else None)
     uvloop.run(serve(orders, args.host, args.port))
     return 0
 

@@ -223,7 +223,7 @@ async def ceiling_server(
     process = _spawn(command, log_path, env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 900
         async with aiohttp.ClientSession() as http:
             while True:
                 if process.poll() is not None:
@@ -233,14 +233,26 @@ async def ceiling_server(
                         if response.status == 200:
                             break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the {name} ceiling did not start within 300 s")
+                    raise RuntimeError(f"the {name} ceiling did not start within 900 s")
                 await asyncio.sleep(0.05)
         yield base
     finally:
         end_process(process)
 
 
-async def _get(url: str) -> tuple[int, bytes]:
+@contextlib.asynccontextmanager
+async def bare_server(dsn: str, log_path: Path, uid_file: Path | None = None) -> AsyncIterator[str]:
+    """The bare aiohttp ceiling on the server's core, holding only the orders of ``uid_file``
+    if given (at ten million orders the whole log would not fit beside the worker)."""
+    port = free_port()
+    command = _python_ceiling("bench.bare_read_server", dsn, port)
+    if uid_file is not None:
+        command += ["--uids", str(uid_file)]
+    async with ceiling_server("aiohttp", command, port, log_path) as base:
+        yield base
+
+
+async def get(url: str) -> tuple[int, bytes]:
     async with aiohttp.ClientSession() as http, http.get(url) as response:
         return response.status, await response.read()
 
@@ -304,7 +316,7 @@ async def run(ctx: Context) -> dict[str, Any]:
                     )
                 for uid in (uids[0], uids[-1]):
                     served = {
-                        name: await _get(f"{base}/orders/{uid}") for name, base in bases.items()
+                        name: await get(f"{base}/orders/{uid}") for name, base in bases.items()
                     }
                     if (
                         len({answer for answer in served.values()}) != 1

@@ -612,6 +612,20 @@ def _run_counts(figures: dict[str, Any]) -> str:
     return " or ".join(str(count) for count in counts) + " run(s)"
 
 
+# The section of bench/volume.py (``make bench-scale``): kept as it is when the rest is written.
+VOLUME_BEGIN: Final = "<!-- volume:begin (written by python -m bench.volume) -->"
+VOLUME_END: Final = "<!-- volume:end -->"
+
+
+def write(doc: Path, text: str) -> None:
+    """Write the report into ``doc``, keeping the volume section already there."""
+    old = doc.read_text() if doc.exists() else ""
+    if VOLUME_BEGIN in old and VOLUME_END in old:
+        kept = VOLUME_BEGIN + old.partition(VOLUME_BEGIN)[2].partition(VOLUME_END)[0] + VOLUME_END
+        text = text.rstrip("\n") + "\n\n" + kept + "\n"
+    doc.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     import json
 
@@ -619,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", nargs="?", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument("doc", nargs="?", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
-    args.doc.write_text(render(json.loads(args.results.read_text())))
+    write(args.doc, render(json.loads(args.results.read_text())))
     return 0
 
 

@@ -231,7 +231,7 @@ async def _main(args: argparse.Namespace, argv: list[str]) -> int:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(results, indent=2) + "\n")
     args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text(report.render(results))
+    report.write(args.doc, report.render(results))
     print(f"results: {args.results}\nreport: {args.doc}", file=sys.stderr)
     print(report.summary_table(results))
     if failed:

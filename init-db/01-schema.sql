@@ -31,3 +31,45 @@ BEGIN
 END $$;
 CREATE UNIQUE INDEX IF NOT EXISTS orders_dead_letters_source_raw_key
     ON orders_dead_letters (source, sha256(raw));
+
+-- Snapshot pages of the view, written by the service so that a start reads a few large values
+-- instead of every row of the log; a cache of the log, never a source: each page is checked
+-- against the log before the view takes it in (streams/snapshots.py), and one that disagrees is
+-- dropped and its orders read from the log. A page covers the orders with
+-- after_seq < seq <= last_seq; pages follow one another (the next one's after_seq is this one's
+-- last_seq). body holds the orders as the view keeps them, compressed with the dictionary whose
+-- digest dictionary_sha256 gives; body_sha256 is the digest of body.
+CREATE TABLE IF NOT EXISTS orders_view_pages (
+    after_seq         bigint      PRIMARY KEY,
+    last_seq          bigint      NOT NULL CHECK (last_seq > after_seq),
+    orders            integer     NOT NULL CHECK (orders > 0),
+    dictionary_sha256 bytea       NOT NULL,
+    body              bytea       NOT NULL,
+    body_sha256       bytea       NOT NULL,
+    written_by        text        NOT NULL,
+    written_at        timestamptz NOT NULL DEFAULT now()
+);
+-- body is compressed already: stored out of line as it is, without pglz trying again.
+ALTER TABLE orders_view_pages ALTER COLUMN body SET STORAGE EXTERNAL;
+
+-- The one zstd dictionary of the pages, trained by the first writer on the log's first orders.
+CREATE TABLE IF NOT EXISTS orders_view_dictionary (
+    id         smallint    PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    dictionary bytea       NOT NULL,
+    sha256     bytea       NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Whatever changes or removes rows of the log (by hand: the service may not) drops every page,
+-- so that the next start rebuilds the view from the log. Statement-level, so it costs nothing
+-- per row; SECURITY DEFINER, so that it works for any role allowed to change the log. A page
+-- that outlives a change made with triggers off is caught by the checks at start.
+CREATE OR REPLACE FUNCTION orders_view_pages_drop() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public AS $$
+BEGIN
+    DELETE FROM orders_view_pages;
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE TRIGGER orders_events_changed
+    AFTER UPDATE OR DELETE OR TRUNCATE ON orders_events
+    FOR EACH STATEMENT EXECUTE FUNCTION orders_view_pages_drop();

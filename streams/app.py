@@ -35,7 +35,7 @@ from streams.monitor import LeanMonitor
 from streams.runtime import Runtime
 from streams.store import PostgresEventStore
 from streams.validation import is_valid_uid
-from views.view import OrdersView
+from views.view import TRAIN_AFTER, OrdersView
 from views.web import install_routes
 
 log = logging.getLogger(__name__)
@@ -104,12 +104,19 @@ def create_app(settings: Settings) -> OrdersApp:
     metrics = Metrics()
     http = metrics.http if settings.http_metrics else None
     app = OrdersApp(settings, LeanMonitor(http))
-    view = OrdersView()
+    # A snapshot page needs the dictionary: train it by the first page at the latest.
+    view = OrdersView(train_after=min(TRAIN_AFTER, settings.snapshot_page_orders))
     metrics.watch_view(view.__len__, lambda: view.last_seq)
     store = PostgresEventStore(
         apply_schema=settings.apply_schema, writer=settings.consume, maxsize=POOL_SIZE
     )
-    follower = ViewFollower(view, store, settings.replay_page_size)
+    follower = ViewFollower(
+        view,
+        store,
+        settings.replay_page_size,
+        snapshots=store,
+        snapshot_page_orders=settings.snapshot_page_orders,
+    )
     processor = BatchProcessor(store, follower, log_uids_max=settings.log_uids_max, metrics=metrics)
     bridge = NatsBridge(settings, app.send_to_agent, metrics)
     app.runtime = Runtime(

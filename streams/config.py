@@ -92,6 +92,8 @@ class Settings:
         ``ENVELOPES_PER_COMMIT`` fetches (see the limits above).
     batch_max_wait_ms: how long the agent waits to fill a batch before it writes what it has.
     replay_page_size: rows per keyset page when the view is rebuilt from the log.
+    snapshot_page_orders: orders per snapshot page a writer stores (streams/snapshots.py): a
+        start reads one page per this many orders (about 110 bytes each) instead of as many rows.
     nats_stream / nats_subject / nats_durable: JetStream stream, its subject filter and the
         durable pull consumer the bridge binds.
     nats_ack_wait_s: JetStream redelivers a message not acked within this time; it must be
@@ -120,6 +122,7 @@ class Settings:
     batch_size: int = 1000
     batch_max_wait_ms: int = 20
     replay_page_size: int = 10_000
+    snapshot_page_orders: int = 100_000
     nats_stream: str = "ORDERS"
     nats_subject: str = "orders.>"
     nats_durable: str = "orders-writer"
@@ -158,6 +161,9 @@ class Settings:
             ),
             replay_page_size=_int(
                 env, "ORDERS_REPLAY_PAGE_SIZE", defaults.replay_page_size, 1, 1_000_000
+            ),
+            snapshot_page_orders=_int(
+                env, "ORDERS_SNAPSHOT_PAGE_ORDERS", defaults.snapshot_page_orders, 1, 10_000_000
             ),
             nats_stream=_name(env, "ORDERS_NATS_STREAM", defaults.nats_stream),
             nats_subject=_subject(env, "ORDERS_NATS_SUBJECT", defaults.nats_subject),

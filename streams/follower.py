@@ -17,7 +17,8 @@ from collections.abc import Callable
 from typing import Final
 
 from streams.retry import Backoff, Episode
-from streams.store import BatchResult, EventStore, Listener, StoreUnavailable
+from streams.snapshots import PageWriter, SnapshotStore, restore_from_pages
+from streams.store import BatchResult, EventStore, Listener, RefusedByDatabase, StoreUnavailable
 from views.view import OrdersView
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,22 @@ class ViewFollower:
     other writers' orders must still reach this view.
     """
 
-    def __init__(self, view: OrdersView, store: EventStore, page_size: int) -> None:
+    def __init__(
+        self,
+        view: OrdersView,
+        store: EventStore,
+        page_size: int,
+        *,
+        snapshots: SnapshotStore | None = None,
+        snapshot_page_orders: int = 100_000,
+    ) -> None:
         self.view = view
         self.store = store
         self.page_size = page_size
+        self.snapshots = snapshots
+        self._pages = (
+            None if snapshots is None else PageWriter(view, snapshots, snapshot_page_orders)
+        )
         self.head = 0  # the last seq known to be in the log, as read from the log
         self._lock = asyncio.Lock()
         self._listener: Listener | None = None
@@ -52,6 +65,57 @@ class ViewFollower:
     def lag(self) -> int:
         """How many seqs the view is behind the last known head of the log."""
         return max(0, self.head - self.view.last_seq)
+
+    async def boot(self) -> RestoreStats:
+        """Restore the view at start: the snapshot pages that agree with the log, then the
+        log after them (all of it when there are none)."""
+        started = time.perf_counter()
+        collecting = gc.isenabled()
+        gc.disable()  # as in restore: millions of new objects, none of them in cycles
+        try:
+            async with self._lock:
+                from_pages = await self._restore_from_pages()
+                stats = await restore(self.view, self.store, self.page_size)
+        finally:
+            if collecting:
+                gc.enable()
+        self.head = max(self.head, stats.last_seq)
+        return RestoreStats(
+            from_pages + stats.events, stats.last_seq, time.perf_counter() - started
+        )
+
+    async def _restore_from_pages(self) -> int:
+        if self.snapshots is None or self._pages is None:
+            return 0
+        if not self.snapshots.snapshot_reads:
+            log.info(
+                "snapshot pages off (orders_view_pages and orders_view_dictionary missing, or"
+                " not readable by this role): the view is restored from the log alone"
+            )
+        outcome = await restore_from_pages(self.view, self.snapshots)
+        self._pages.taken_from_pages(outcome)
+        if outcome.pages:
+            log.info(
+                "view: %d orders from %d snapshot pages in %.2f s; the log after seq %d",
+                outcome.orders,
+                outcome.pages,
+                outcome.seconds,
+                self.view.last_seq,
+                extra={"count": outcome.orders, "pages": outcome.pages},
+            )
+        return outcome.orders
+
+    async def write_snapshot_page(self) -> bool:
+        """Write the next snapshot page if one is due (a writer's view, a whole page of orders
+        not in pages yet); whether one was. A failure is logged and tried again later: pages
+        only speed up a start."""
+        if self._pages is None:
+            return False
+        try:
+            return await self._pages.write_one()
+        except (StoreUnavailable, RefusedByDatabase) as exc:
+            log.warning("snapshot page not written, trying again later: %s", exc)
+            return False
 
     async def catch_up(self, on_page: Callable[[int], None] | None = None) -> RestoreStats:
         """Read the log from the view's position to its end into the view."""
@@ -103,6 +167,7 @@ class ViewFollower:
         paused = Episode(log)
         backoff = Backoff(first=poll_s)
         listen_again_at = 0.0
+        wait_s = poll_s  # 0 while snapshot pages are due: one page a round, rounds back to back
         this_task = asyncio.current_task()
         loop = asyncio.get_running_loop()
         try:
@@ -118,12 +183,12 @@ class ViewFollower:
                     self._listener = await self._listen(poll_s)
                     if self._listener is None:
                         listen_again_at = loop.time() + _LISTEN_AGAIN_S
-                        await asyncio.sleep(poll_s)
+                        await asyncio.sleep(wait_s)
                 elif self._listener is None:
-                    await asyncio.sleep(poll_s)
+                    await asyncio.sleep(wait_s)
                 else:
                     try:
-                        woken = await self._listener.wait(poll_s)
+                        woken = await self._listener.wait(wait_s)
                     except StoreUnavailable as exc:
                         log.warning("LISTEN connection lost, polling meanwhile: %s", exc)
                         await self._listener.close()
@@ -133,6 +198,8 @@ class ViewFollower:
                         self.head = max(self.head, await self.store.head())
                     if woken or self.lag:
                         await self.catch_up()
+                    # One page a round, so that following the log never waits for many.
+                    wait_s = 0.0 if await self.write_snapshot_page() else poll_s
                     paused.over("following the log again")
                     backoff.reset()
                 except StoreUnavailable as exc:

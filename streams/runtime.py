@@ -139,7 +139,7 @@ class Runtime(Service):
 
         if not await connect_store(self.store, url, stopping):
             return
-        stats = await until_done(self.follower.catch_up, "restoring the view", stopping)
+        stats = await until_done(self.follower.boot, "restoring the view", stopping)
         if stats is None:
             return
         self.metrics.restore_seconds.set(stats.seconds)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import importlib.resources
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -32,6 +33,7 @@ from streams.events import RefusedByDatabase as RefusedByDatabase
 from streams.events import StatementTimedOut as StatementTimedOut
 from streams.events import StoreUnavailable as StoreUnavailable
 from streams.pg_hosts import is_multi_host, pin_host
+from streams.snapshots import SnapshotPage
 from streams.validation import Accepted
 
 EVENT_TYPE: Final = "OrderPlaced"
@@ -104,6 +106,31 @@ READ_SQL: Final = """
 SELECT seq, order_uid, payload::text FROM orders_events WHERE seq > %s ORDER BY seq LIMIT %s
 """
 
+# Snapshot pages (streams/snapshots.py): what a role needs to read them, and to write them (a
+# writer also drops pages that disagree with the log; the log itself it may never change).
+_SNAPSHOT_READS: Final[dict[str, tuple[str, ...]]] = {
+    "orders_view_pages": ("SELECT",),
+    "orders_view_dictionary": ("SELECT",),
+}
+_SNAPSHOT_WRITES: Final[dict[str, tuple[str, ...]]] = {
+    "orders_view_pages": ("INSERT", "DELETE"),
+    "orders_view_dictionary": ("INSERT",),
+}
+_PAGE_SQL: Final = """
+SELECT after_seq, last_seq, orders, dictionary_sha256, body, body_sha256
+  FROM orders_view_pages WHERE after_seq >= %s ORDER BY after_seq LIMIT 1
+"""
+_PAGE_LOG_COUNT: Final = "SELECT count(*) FROM orders_events WHERE seq > %s AND seq <= %s"
+_PAGE_LOG_SAMPLES: Final = """
+SELECT seq, order_uid, payload::text FROM orders_events WHERE seq = ANY(%s::bigint[])
+"""
+_WRITE_PAGE: Final = """
+INSERT INTO orders_view_pages
+       (after_seq, last_seq, orders, dictionary_sha256, body, body_sha256, written_by)
+VALUES (%s, %s, %s, %s, %s, %s, %s)
+    ON CONFLICT (after_seq) DO NOTHING
+"""
+
 _SCHEMA_LOCK_KEY: Final = 0x0DE25  # any constant shared by every worker applying the schema
 
 # The client waits this much longer than the server's statement timeout, so that the server
@@ -148,6 +175,10 @@ class PostgresEventStore:
         # Names this store's commits in its notifications ("<seq> <writer>"), so that its own
         # follower can leave them to the agent, which projects them without reading them back.
         self.writer_id = uuid.uuid4().hex[:12]
+        # Whether this role may read and write snapshot pages (found out at connect): without,
+        # the view is restored from the log alone, as before there were pages.
+        self.snapshot_reads = False
+        self.snapshot_writes = False
 
     @classmethod
     async def open(
@@ -181,6 +212,7 @@ class PostgresEventStore:
             else:
                 await self.check_schema(writer=writer)
             await self.check_sequence()
+            await self._find_snapshot_rights(writer)
         except BaseException:
             await self.close()
             raise
@@ -259,6 +291,29 @@ class PostgresEventStore:
                     f"this role may not {' or '.join(lacking)} on table {table}:"
                     f" GRANT {', '.join(lacking)} ON {table} TO the service's role"
                 )
+
+    async def _find_snapshot_rights(self, writer: bool) -> None:
+        self.snapshot_reads = await self._holds(_SNAPSHOT_READS)
+        self.snapshot_writes = (
+            writer and self.snapshot_reads and await self._holds(_SNAPSHOT_WRITES)
+        )
+
+    async def _holds(self, needs: dict[str, tuple[str, ...]]) -> bool:
+        """Whether the tables exist and this role holds every privilege of ``needs`` on them."""
+        async with self._cursor() as cur:
+            for table, wanted in needs.items():
+                await cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
+                (exists,) = await cur.fetchone()
+                if not exists:
+                    return False
+                await cur.execute(
+                    "SELECT " + " AND ".join(["has_table_privilege(%s, %s)"] * len(wanted)),
+                    tuple(arg for privilege in wanted for arg in (table, privilege)),
+                )
+                (held,) = await cur.fetchone()
+                if not held:
+                    return False
+        return True
 
     async def check_sequence(self) -> None:
         """Refuse a seq sequence that hands out numbers out of commit order."""
@@ -374,6 +429,102 @@ class PostgresEventStore:
                     return
                 await asking
                 current, spare = spare, current
+
+    async def read_dictionary(self) -> bytes | None:
+        """The snapshot pages' dictionary, if one was published and is whole."""
+        async with self._cursor() as cur:
+            await cur.execute("SELECT dictionary, sha256 FROM orders_view_dictionary")
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        dictionary = bytes(row[0])
+        if hashlib.sha256(dictionary).digest() != bytes(row[1]):
+            return None  # not whole: every page made with it will be refused
+        return dictionary
+
+    async def publish_dictionary(self, dictionary: bytes) -> bytes:
+        """Make ``dictionary`` the pages' one unless another is there first; the one that is."""
+        digest = hashlib.sha256(dictionary).digest()
+        async with self._transaction() as cur:
+            await cur.execute(
+                "INSERT INTO orders_view_dictionary (dictionary, sha256) VALUES (%s, %s)"
+                " ON CONFLICT (id) DO NOTHING",
+                (psycopg2.Binary(dictionary), psycopg2.Binary(digest)),
+            )
+            await cur.execute("SELECT dictionary FROM orders_view_dictionary")
+            (shared,) = await cur.fetchone()
+        return bytes(shared)
+
+    async def snapshot_pages(self) -> AsyncGenerator[SnapshotPage, None]:
+        """The pages that follow one another from seq 0, in seq order, until one is missing.
+
+        As in :meth:`read_pages`, the next page is asked for on a second connection before
+        this one is handed over."""
+        async with self._cursor() as current, self._cursor() as spare:
+            await current.execute(_PAGE_SQL, (0,))
+            row = await current.fetchone()
+            while row is not None:
+                page = SnapshotPage(
+                    after_seq=int(row[0]),
+                    last_seq=int(row[1]),
+                    orders=int(row[2]),
+                    dictionary_sha256=bytes(row[3]),
+                    body=bytes(row[4]),
+                    body_sha256=bytes(row[5]),
+                )
+                del row
+                asking = asyncio.ensure_future(spare.execute(_PAGE_SQL, (page.last_seq,)))
+                await asyncio.sleep(0)  # the query goes out on the task's first step
+                try:
+                    yield page
+                except BaseException:
+                    asking.cancel()
+                    with contextlib.suppress(BaseException):
+                        await asking
+                    raise
+                await asking
+                current, spare = spare, current
+                row = await current.fetchone()
+                if row is not None and int(row[0]) != page.last_seq:
+                    return  # the next page does not follow this one
+
+    async def log_agreement(
+        self, after_seq: int, last_seq: int, seqs: Sequence[int]
+    ) -> tuple[int, dict[int, tuple[str, bytes]]]:
+        """How many events the log holds in ``after_seq < seq <= last_seq``, and the uid and
+        payload of its events at ``seqs``."""
+        async with self._cursor() as cur:
+            _text_as_bytes(cur)
+            await cur.execute(_PAGE_LOG_COUNT, (after_seq, last_seq))
+            (count,) = await cur.fetchone()
+            await cur.execute(_PAGE_LOG_SAMPLES, (list(seqs),))
+            rows = await cur.fetchall()
+        return int(count), {int(seq): (uid.decode(), payload) for seq, uid, payload in rows}
+
+    async def write_page(self, page: SnapshotPage) -> bool:
+        """Insert a page unless one for its range is there; whether it was inserted."""
+        async with self._transaction() as cur:
+            await cur.execute(
+                _WRITE_PAGE,
+                (
+                    page.after_seq,
+                    page.last_seq,
+                    page.orders,
+                    psycopg2.Binary(page.dictionary_sha256),
+                    psycopg2.Binary(page.body),
+                    psycopg2.Binary(page.body_sha256),
+                    self.writer_id,
+                ),
+            )
+            return bool(cur.rowcount == 1)
+
+    async def drop_pages(self, from_after_seq: int) -> int:
+        """Delete the page starting at ``from_after_seq`` and every later one; how many."""
+        async with self._transaction() as cur:
+            await cur.execute(
+                "DELETE FROM orders_view_pages WHERE after_seq >= %s", (from_after_seq,)
+            )
+            return int(cur.rowcount)
 
     async def head(self) -> int:
         """The last seq in the log (0 when it is empty)."""

@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "streams.store": BLOCKS,
     "streams.events": BLOCKS,
     "streams.memory_store": BLOCKS,
+    "streams.snapshots": BLOCKS,
     "streams.pg_hosts": BLOCKS,
     "streams.metrics": BLOCKS,
     "streams.logs": BLOCKS,
