@@ -1,5 +1,9 @@
 -- The orders service's schema. The service applies this file at every start, so each statement
 -- must be idempotent; PostgreSQL's docker image also runs it once from /docker-entrypoint-initdb.d.
+-- Every start while other workers run, too: once an object exists, applying this again must take
+-- no table lock a running commit holds or waits for (ALTER TABLE, CREATE INDEX and CREATE
+-- TRIGGER all would, and one start could deadlock with a running worker). So what cannot say
+-- IF NOT EXISTS is done in a DO block that looks in the catalog first.
 
 -- The event log. Append-only: the service inserts and selects, never updates or deletes.
 -- seq is the replay order; order_uid is the idempotency key, so the first write of an order wins.
@@ -28,9 +32,11 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'orders_dead_letters_source_key') THEN
         ALTER TABLE orders_dead_letters DROP CONSTRAINT orders_dead_letters_source_key;
     END IF;
+    IF to_regclass('orders_dead_letters_source_raw_key') IS NULL THEN
+        CREATE UNIQUE INDEX orders_dead_letters_source_raw_key
+            ON orders_dead_letters (source, sha256(raw));
+    END IF;
 END $$;
-CREATE UNIQUE INDEX IF NOT EXISTS orders_dead_letters_source_raw_key
-    ON orders_dead_letters (source, sha256(raw));
 
 -- Snapshot pages of the view, written by the service so that a start reads a few large values
 -- instead of every row of the log; a cache of the log, never a source: each page is checked
@@ -50,7 +56,13 @@ CREATE TABLE IF NOT EXISTS orders_view_pages (
     written_at        timestamptz NOT NULL DEFAULT now()
 );
 -- body is compressed already: stored out of line as it is, without pglz trying again.
-ALTER TABLE orders_view_pages ALTER COLUMN body SET STORAGE EXTERNAL;
+DO $$
+BEGIN
+    IF (SELECT attstorage FROM pg_attribute
+         WHERE attrelid = 'orders_view_pages'::regclass AND attname = 'body') <> 'e' THEN
+        ALTER TABLE orders_view_pages ALTER COLUMN body SET STORAGE EXTERNAL;
+    END IF;
+END $$;
 
 -- The one zstd dictionary of the pages, trained by the first writer on the log's first orders.
 CREATE TABLE IF NOT EXISTS orders_view_dictionary (
@@ -70,6 +82,13 @@ BEGIN
     DELETE FROM orders_view_pages;
     RETURN NULL;
 END $$;
-CREATE OR REPLACE TRIGGER orders_events_changed
-    AFTER UPDATE OR DELETE OR TRUNCATE ON orders_events
-    FOR EACH STATEMENT EXECUTE FUNCTION orders_view_pages_drop();
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                    WHERE tgrelid = 'orders_events'::regclass
+                      AND tgname = 'orders_events_changed') THEN
+        CREATE TRIGGER orders_events_changed
+            AFTER UPDATE OR DELETE OR TRUNCATE ON orders_events
+            FOR EACH STATEMENT EXECUTE FUNCTION orders_view_pages_drop();
+    END IF;
+END $$;

@@ -4,6 +4,7 @@ database alone assigns, the notifications, multi-host URLs."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from urllib.parse import quote
 
@@ -55,6 +56,25 @@ async def test_schema_is_applied_idempotently(store: InspectedStore) -> None:
     await store.apply_schema()
     await store.apply_schema()
     assert await count(store, "orders_events") == 1
+
+
+@pytest.mark.parametrize("table", ["orders_events", "orders_view_pages", "orders_dead_letters"])
+async def test_a_worker_starting_waits_for_no_commit_of_a_running_one(
+    database_url: str, store: InspectedStore, table: str
+) -> None:
+    """Promise 1 under a rolling start: a second worker applies the schema while the first is
+    mid-transaction on a table (holding its row-exclusive lock, as a commit or a page write
+    does). The schema already there, applying it again must take no lock that waits for that
+    transaction: otherwise the two deadlock when the first then touches another table."""
+    running = psycopg2.connect(database_url)
+    try:
+        with running.cursor() as cur:
+            cur.execute(f"LOCK TABLE {table} IN ROW EXCLUSIVE MODE")
+            starting = await asyncio.wait_for(PostgresEventStore.open(database_url), timeout=15)
+            await starting.close()
+    finally:
+        running.rollback()
+        running.close()
 
 
 async def test_seq_is_assigned_by_the_database_only(
