@@ -13,7 +13,7 @@ import dataclasses
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
 
 from streams.retry import Backoff, Episode
@@ -70,15 +70,10 @@ class ViewFollower:
         """Restore the view at start: the snapshot pages that agree with the log, then the
         log after them (all of it when there are none)."""
         started = time.perf_counter()
-        collecting = gc.isenabled()
-        gc.disable()  # as in restore: millions of new objects, none of them in cycles
-        try:
+        with _collector_paused():
             async with self._lock:
                 from_pages = await self._restore_from_pages()
                 stats = await restore(self.view, self.store, self.page_size)
-        finally:
-            if collecting:
-                gc.enable()
         self.head = max(self.head, stats.last_seq)
         return RestoreStats(
             from_pages + stats.events, stats.last_seq, time.perf_counter() - started
@@ -258,17 +253,26 @@ async def restore(
     """
     started = time.perf_counter()
     applied = 0
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        # aclosing: a replay that stops early hands its connections back at once.
+    # aclosing: a replay that stops early hands its connections back at once.
+    with _collector_paused():
         async with contextlib.aclosing(store.read_pages(view.last_seq, page_size)) as pages:
             async for page in pages:
                 added = view.project(page)
                 applied += added
                 if on_page is not None:
                     on_page(added)
+    return RestoreStats(applied, view.last_seq, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off meanwhile: a replay makes millions of objects, none of
+    them in cycles, and each collection would sweep over them all again. Nested uses leave it
+    to the outermost."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
     finally:
         if collecting:
             gc.enable()
-    return RestoreStats(applied, view.last_seq, time.perf_counter() - started)
