@@ -8,6 +8,8 @@ aiohttp driver, with this driver's :class:`~streams.http_message.Request` and
 request: no routing tree walked (a dictionary look-up, or a prefix test for a route ending in a
 placeholder), no header mapping built unless a view reads it, no task for a view that answers
 without waiting, a response head serialized once and reused (:mod:`streams.http_protocol`).
+A view that can answer a GET from its last path segment alone (:class:`ImmediateGet`, as
+``/orders/{uid}`` does) is answered with no request, coroutine or response object at all.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import mimetypes
 from collections.abc import Callable, Coroutine, Mapping, MutableMapping
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol, runtime_checkable
 
 from faust.types import AppT
 from faust.types.web import ResourceOptions
@@ -32,6 +34,22 @@ _bytes = bytes  # the driver has a method named ``bytes``
 Handler = Callable[[Request], Coroutine[Any, Any, Any]]
 
 _NOT_FOUND: Final = error_response(404, "not found")
+
+
+@runtime_checkable
+class ImmediateGet(Protocol):
+    """A view that can answer a GET of its route from the last path segment alone, at once:
+    the fast driver then calls it without a request, a coroutine or a response object (see
+    ``HttpServer.answer_immediately``), for a route that ends in its only placeholder and
+    comes first. Everything it does not answer that way goes to its ``dispatch``."""
+
+    def immediate_response(self) -> base.Response:
+        """The status and header fields of every immediate answer (its body is not sent)."""
+        ...
+
+    def immediate_body(self, segment: str) -> _bytes | None:
+        """The body of the answer for ``segment``, or None: answered through ``dispatch``."""
+        ...
 
 
 class _Server(Service):
@@ -117,6 +135,15 @@ class Web(base.Web):
         if isinstance(handler, View):
             # The view's own dispatch, without View.__call__'s extra coroutine around it.
             self.router.add(pattern, handler.get_methods(), handler.dispatch)
+            prefix = self.router.first_route_prefix(pattern)
+            if (
+                isinstance(handler, ImmediateGet)
+                and prefix is not None
+                and "GET" in handler.get_methods()
+            ):
+                head = handler.immediate_response()
+                assert isinstance(head, Response)
+                self.server.answer_immediately(prefix, head, handler.immediate_body)
         else:
             self.router.add(pattern, {"GET", "HEAD"}, handler)
 

@@ -54,6 +54,9 @@ from streams.http_message import Request, Response, ResponseHeads, http_date
 log = logging.getLogger(__name__)
 
 Respond = Callable[[Request], "Response | Coroutine[Any, Any, Any]"]
+# The body of an immediate answer, from the route's last path segment alone, at once; None has
+# the request answered the usual way (through ``respond``).
+BodyAt = Callable[[str], "bytes | None"]
 
 # The whole head may not exceed a request line and every field at their limits: a bound on
 # what a connection buffers however the head is cut into packets.
@@ -69,6 +72,8 @@ REFUSAL_HEADERS: Final = {
     "Referrer-Policy": "no-referrer",
 }
 _VERSIONS: Final = ("1.1", "1.0")
+# RFC 3986's unreserved characters: a path segment of these alone is the same once decoded.
+_UNRESERVED: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
 _NO_BODY_STATUSES: Final = frozenset((204, 304))
 
 
@@ -138,6 +143,11 @@ class HttpServer:
     def __init__(self, respond: Respond) -> None:
         self.respond = respond
         self.heads = ResponseHeads()
+        # The immediate route (see ``answer_immediately``): its path prefix, the head of its
+        # answers and where their bodies come from.
+        self.immediate_prefix: bytes | None = None
+        self.immediate_head = b""
+        self.body_at: BodyAt | None = None
         self.connections: set[HttpConnection] = set()
         self.stopping = False
         # Loop time and the Date field, refreshed once a second by the tick.
@@ -146,6 +156,16 @@ class HttpServer:
         self._listeners: list[asyncio.Server] = []
         self._tick_handle: asyncio.TimerHandle | None = None
         self._all_closed = asyncio.Event()
+
+    def answer_immediately(self, prefix: str, head: Response, body_at: BodyAt) -> None:
+        """Answer ``GET prefix<segment>`` with ``head``'s status and header fields and the body
+        ``body_at(segment)``, when that is not None: no request object, no routing, no
+        coroutine, no response object, the head serialized once. Only for a segment of
+        unreserved characters (the same once decoded) and an HTTP/1.x request; ``prefix``
+        must be a route's that no earlier route shadows. Set before the server listens."""
+        self.immediate_prefix = prefix.encode("utf-8")
+        self.immediate_head = self.heads.head(head)
+        self.body_at = body_at
 
     def forget(self, connection: HttpConnection) -> None:
         """A connection closed."""
@@ -219,6 +239,9 @@ class HttpConnection(asyncio.Protocol):
         self.server = server
         self.respond = server.respond
         self.heads = server.heads
+        self.immediate_prefix = server.immediate_prefix
+        self.immediate_head = server.immediate_head
+        self.body_at = server.body_at
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         # Waiting for a request head since this loop time (None: a head is complete and its
@@ -227,6 +250,8 @@ class HttpConnection(asyncio.Protocol):
         self.head_size = 0
         self.url = b""
         self.raw_headers: list[tuple[bytes, bytes]] = []
+        # The request has a Connection field: its HTTP version has to be asked for.
+        self.connection_field = False
         self.body: list[bytes] | None = None
         self.body_size = 0
         self.refused: _Refused | None = None
@@ -286,8 +311,11 @@ class HttpConnection(asyncio.Protocol):
             self._stop_parsing(414, f"the request target is longer than {MAX_LINE_SIZE} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) + len(value) > MAX_FIELD_SIZE:
+        size = len(name)
+        if size + len(value) > MAX_FIELD_SIZE:
             self._stop_parsing(431, f"a header field is longer than {MAX_FIELD_SIZE} bytes")
+        if size == 10 and name.lower() == b"connection":
+            self.connection_field = True
         self.raw_headers.append((name, value))
         if len(self.raw_headers) > MAX_HEADERS:
             self._stop_parsing(431, f"more than {MAX_HEADERS} header fields")
@@ -309,6 +337,18 @@ class HttpConnection(asyncio.Protocol):
         self.waiting_since = None
         self.head_size = 0
         parser = self.parser
+        url = self.url
+        prefix = self.immediate_prefix
+        if (
+            prefix is not None
+            and url.startswith(prefix)
+            and not self.busy
+            and not self.queue
+            and self.body is None
+            and parser.get_method() == b"GET"
+            and self._answered_immediately(url[len(prefix) :])
+        ):
+            return
         version = parser.get_http_version()
         if version not in _VERSIONS:
             self._stop_parsing(400, f"HTTP/{version} is not served")
@@ -316,7 +356,7 @@ class HttpConnection(asyncio.Protocol):
         method = parser.get_method()
         request = Request(
             _METHOD_NAMES.get(method) or method.decode("ascii"),
-            self.url,
+            url,
             self.raw_headers,
             b"".join(body) if body else b"",
             version,
@@ -324,6 +364,7 @@ class HttpConnection(asyncio.Protocol):
         )
         self.url = b""
         self.raw_headers = []
+        self.connection_field = False
         if body is not None:
             self.body = None
             self.body_size = 0
@@ -334,6 +375,52 @@ class HttpConnection(asyncio.Protocol):
             self._answer(request)
 
     # answering
+
+    def _answered_immediately(self, segment: bytes) -> bool:
+        """Answer a GET of the immediate route from its last path ``segment`` if it is plain
+        and the route has a body for it; False leaves the request to the usual way."""
+        # Only unreserved characters: the segment is the same once decoded, and it is the
+        # whole rest of the path (no '/', query or fragment).
+        if not segment or segment.translate(None, _UNRESERVED):
+            return False
+        parser = self.parser
+        keep_alive = parser.should_keep_alive()
+        # llhttp parses HTTP/0.9, 1.0, 1.1 and 2.0, and keeps 1.1 alive unless told to close,
+        # the others only when told to: alive with no Connection field is HTTP/1.1, and the
+        # version string, costly to make, is asked for only otherwise.
+        if not keep_alive or self.connection_field:
+            version = parser.get_http_version()
+            if version not in _VERSIONS:
+                return False  # refused the usual way
+        else:
+            version = "1.1"
+        try:
+            body = self.body_at(segment.decode("ascii"))  # type: ignore[misc]
+        except Exception:
+            # The usual way answers it again, and reports its own failure.
+            log.exception("error answering GET %s", self.url.decode("ascii"))
+            return False
+        if body is None:
+            return False
+        self.url = b""
+        self.raw_headers.clear()  # never handed to a request: nobody else holds it
+        self.connection_field = False
+        closes = not keep_alive or self.close_after_answer
+        if closes:
+            connection = b"Connection: close\r\n"
+        else:
+            connection = b"" if version == "1.1" else b"Connection: keep-alive\r\n"
+        server = self.server
+        self.transport.write(  # type: ignore[union-attr]
+            b"%sContent-Length: %d\r\n%s%s\r\n%s"
+            % (self.immediate_head, len(body), server.date, connection, body)
+        )
+        if closes:
+            self.closing = True
+            self._close_when_done()
+        else:
+            self.waiting_since = server.now
+        return True
 
     def _stop_parsing(self, status: int, message: str) -> None:
         self.refused = _Refused(status, message)

@@ -158,6 +158,13 @@ class Router(Generic[H]):
         else:
             self._patterns.append(_Segments(route, parts))
 
+    def first_route_prefix(self, pattern: str) -> str | None:
+        """The literal prefix of ``pattern`` when it is the first route added and ends in its
+        only placeholder (no regex): every path that starts with that prefix and has one
+        non-empty segment after it is this route's, whatever was added after it."""
+        hot = self._first
+        return hot.prefix if hot is not None and hot.route.pattern == pattern else None
+
     def resolve(self, path: str) -> tuple[Route[H], Mapping[str, str]] | None:
         """The first route added whose pattern matches ``path`` (already percent-decoded),
         and the values of its placeholders."""

@@ -34,39 +34,57 @@ def reason_class(reason: str) -> str:
     return "schema"
 
 
+class RouteMeter:
+    """One route's requests by status, and its latency histogram."""
+
+    __slots__ = ("buckets", "seconds", "statuses")
+
+    def __init__(self) -> None:
+        self.statuses: dict[int, int] = {}
+        self.buckets = [0] * (len(_LATENCY_BOUNDS) + 1)
+        self.seconds = 0.0
+
+    def observe(self, status: int, seconds: float) -> None:
+        """Count one answered request (called on the event loop only, hence no lock)."""
+        statuses = self.statuses
+        statuses[status] = statuses.get(status, 0) + 1
+        self.buckets[bisect.bisect_left(_LATENCY_BOUNDS, seconds)] += 1
+        self.seconds += seconds
+
+
 class HttpMetrics(Collector):
     """Requests by route and status, and latency by route, counted without locks."""
 
     def __init__(self) -> None:
-        self._counts: dict[tuple[str, int], int] = {}
-        self._latency: dict[str, tuple[list[int], list[float]]] = {}
+        self._routes: dict[str, RouteMeter] = {}
+
+    def meter(self, route: str) -> RouteMeter:
+        """Where the requests of ``route`` are counted: a hot route holds on to it."""
+        meter = self._routes.get(route)
+        if meter is None:
+            meter = self._routes[route] = RouteMeter()
+        return meter
 
     def observe(self, route: str, status: int, seconds: float) -> None:
-        """Count one answered request (called on the event loop only, hence no lock)."""
-        key = (route, status)
-        self._counts[key] = self._counts.get(key, 0) + 1
-        latency = self._latency.get(route)
-        if latency is None:
-            latency = self._latency[route] = ([0] * (len(_LATENCY_BOUNDS) + 1), [0.0])
-        latency[0][bisect.bisect_left(_LATENCY_BOUNDS, seconds)] += 1
-        latency[1][0] += seconds
+        """Count one answered request of ``route``."""
+        self.meter(route).observe(status, seconds)
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         requests = CounterMetricFamily(
             "orders_http_requests", "HTTP requests answered", labels=["route", "status"]
         )
-        for (route, status), count in sorted(self._counts.items()):
-            requests.add_metric([route, str(status)], count)
-        yield requests
         latency = HistogramMetricFamily(
             "orders_http_request_seconds", "HTTP request latency", labels=["route"]
         )
-        for route, (buckets, total) in sorted(self._latency.items()):
+        for route, meter in sorted(self._routes.items()):
+            for status, count in sorted(meter.statuses.items()):
+                requests.add_metric([route, str(status)], count)
             cumulative, running = [], 0
-            for bound, count in zip((*_LATENCY_BOUNDS, float("inf")), buckets, strict=True):
+            for bound, count in zip((*_LATENCY_BOUNDS, float("inf")), meter.buckets, strict=True):
                 running += count
                 cumulative.append((str(bound) if bound != float("inf") else "+Inf", running))
-            latency.add_metric([route], cumulative, total[0])
+            latency.add_metric([route], cumulative, meter.seconds)
+        yield requests
         yield latency
 
 

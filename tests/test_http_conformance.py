@@ -379,3 +379,38 @@ async def test_a_stop_finishes_the_answers_under_way(served: Served) -> None:
     assert all((answer.status, answer.body) == (200, served.order) for answer in answers)
     assert 1 <= len(answers) <= count
     assert code == 0, served.worker.log_tail()
+
+
+async def test_an_order_is_answered_alike_however_its_target_is_written(served: Served) -> None:
+    """The fast driver answers a plain ``GET /orders/{uid}`` without a request object
+    (``HttpServer.answer_immediately``) and every other spelling of the same target through
+    the view's dispatch: both must give the same answer, head and body."""
+    escaped = "".join(f"%{byte:02X}" for byte in served.uid.encode())
+    targets = [
+        f"/orders/{served.uid}",
+        f"/orders/{escaped}",
+        f"/orders/{served.uid}?fields=all",
+        f"/orders/{served.uid}#top",
+    ]
+    async with connection(served.worker.port) as (reader, writer):
+        writer.write(b"".join(get(target) for target in targets))
+        answers = await read_answers(reader, ["GET"] * len(targets))
+    for answer in answers:
+        assert_framed(answer)
+        del answer.headers["date"]
+    assert [(answer.status, answer.body) for answer in answers] == [(200, served.order)] * 4
+    assert all(answer.headers == answers[0].headers for answer in answers), answers
+
+
+@pytest.mark.parametrize("version", ["0.9", "2.0"])
+async def test_http_versions_other_than_1x_are_refused(served: Served, version: str) -> None:
+    """The fast driver speaks HTTP/1.0 and 1.1 only, on the immediate path too (llhttp parses
+    0.9 and 2.0 request lines); aiohttp's answers, recorded here, differ."""
+    async with connection(served.worker.port) as (reader, writer):
+        writer.write(get(f"/orders/{served.uid}", version=version))
+        received = await read_until_closed(reader)
+    if served.driver == "fast":
+        assert received.startswith(b"HTTP/1.1 400 "), received[:200]
+        assert served.order not in received
+    else:  # aiohttp answers the order, in a status line of the version asked for
+        assert received.startswith(f"HTTP/{version} 200 ".encode()), received[:200]
