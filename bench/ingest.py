@@ -10,6 +10,7 @@ connections.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import orjson
 from bench import dataset
 from bench.context import Context
 from bench.servers import (
+    RoleCpu,
     fresh_database,
     load_average,
     ready,
@@ -42,6 +44,7 @@ CEILING_BATCH: Final = 1_000
 CEILING_WRITER: Final = "ceiling"
 SEED: Final = 1001
 SAMPLE_EVERY: Final = 100
+CORES: Final = os.cpu_count() or 1
 
 
 async def ceiling(
@@ -119,12 +122,15 @@ async def service(ctx: Context, dsn: str, messages: list[Message], index: int) -
             nc = await nats.connect(route.nats_url)
             try:
                 ctx.profiler.start(worker.pid, f"ingest-{index}")
+                # The bench process is the publisher (and the /readyz poll) for the window.
+                cpu = RoleCpu({"worker": [worker.pid], **ctx.servers.server_pids()})
                 started = time.perf_counter()
                 publishing = asyncio.create_task(publish(nc, route.subject, messages))
                 await _view_holds(worker, len(messages), timeout=600.0)
                 last = messages[-1]
                 status, body = await _get(worker.base + f"/orders/{last.uid}")
                 elapsed = time.perf_counter() - started
+                cpu_seconds = cpu.seconds()
                 ctx.profiler.stop()
                 stats = await publishing
             finally:
@@ -140,7 +146,17 @@ async def service(ctx: Context, dsn: str, messages: list[Message], index: int) -
         await route.delete()
         shutil.rmtree(data_dir, ignore_errors=True)
     batches = metrics.get("orders_batches_committed_total", 0.0)
+    # What the rest of the machine needs per order: with the worker's CPU taken as nothing,
+    # the rate at which the others alone would keep every core busy.
+    not_worker = sum(seconds for role, seconds in cpu_seconds.items() if role != "worker")
     return {
+        "cpu_seconds": cpu_seconds,
+        # cpu_us_worker, cpu_us_postgres, cpu_us_nats, cpu_us_bench, cpu_us_other
+        **{
+            f"cpu_us_{role.split('-')[0]}": 1e6 * seconds / len(messages)
+            for role, seconds in cpu_seconds.items()
+        },
+        "bound_without_worker": len(messages) * CORES / not_worker if not_worker else None,
         "seconds": elapsed,
         "orders_per_s": len(messages) / elapsed,
         "publish_seconds": stats.elapsed,
@@ -229,6 +245,11 @@ async def run(ctx: Context) -> dict[str, Any]:
                 "ceiling_in_flight_seconds": in_flight_s,
                 "ceiling_in_flight_orders_per_s": count / in_flight_s,
                 "ratio_in_flight": measured["orders_per_s"] / (count / in_flight_s),
+                "bound_ratio_in_flight": (
+                    measured["bound_without_worker"] / (count / in_flight_s)
+                    if measured["bound_without_worker"]
+                    else None
+                ),
                 "load_before": load_before,
                 "load_after": load_average(),
                 "foreign_cpu": meter.foreign_share(),
@@ -241,6 +262,7 @@ async def run(ctx: Context) -> dict[str, Any]:
                 "mean_payload_bytes": round(mean_bytes),
                 "ceiling_batch": CEILING_BATCH,
                 "ceiling_in_flight": COMMITS_IN_FLIGHT,
+                "cores": CORES,
             },
             "runs": runs,
         }

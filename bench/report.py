@@ -214,6 +214,40 @@ def _cell(value: float, fmt: Callable[[float], str]) -> str:
     return "—" if math.isnan(value) else fmt(value)
 
 
+def _ingest_cpu_section(figure: dict[str, Any]) -> list[str]:
+    """Where the machine's CPU went while the service ingested, and what that leaves."""
+    cores = figure["params"].get("cores", 2)
+    runs = figure["runs"]
+    bounded = [run for run in runs if run.get("bound_ratio_in_flight")]
+    return [
+        "Where the CPU went during each run's service phase, in µs of CPU per order (from"
+        " `/proc`: the worker's, PostgreSQL's and nats-server's process trees; the bench"
+        " process alone is the publisher and the `/readyz` poll; other is the rest of the"
+        f" machine's busy time), and the rate at which all but the worker would keep the"
+        f" {cores} cores busy by themselves: what a worker costing no CPU at all could reach"
+        " here beside the publisher and nats-server, as a share of the stricter ceiling"
+        f" (median {_ratio(_median(bounded, 'bound_ratio_in_flight')) if bounded else '—'}).",
+        "",
+        _runs_table(
+            runs,
+            [
+                ("worker", "cpu_us_worker", _us),
+                ("PostgreSQL", "cpu_us_postgres", _us),
+                ("nats-server", "cpu_us_nats", _us),
+                ("publisher (bench)", "cpu_us_bench", _us),
+                ("other", "cpu_us_other", _us),
+                ("bound without the worker, orders/s", "bound_without_worker", _rate),
+                ("bound ÷ ceiling in flight", "bound_ratio_in_flight", _ratio),
+            ],
+        ),
+        "",
+    ]
+
+
+def _us(value: float) -> str:
+    return f"{value:.1f} µs"
+
+
 def _figure_sections(figures: dict[str, Any]) -> list[str]:
     out: list[str] = []
     if figure := figures.get("ingest"):
@@ -264,6 +298,8 @@ def _figure_sections(figures: dict[str, Any]) -> list[str]:
             ),
             "",
         ]
+        if "bound_without_worker" in figure["runs"][0]:
+            out += _ingest_cpu_section(figure)
     if figure := figures.get("latency"):
         params = figure["params"]
         out += [

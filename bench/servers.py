@@ -77,6 +77,39 @@ def _busy_ticks() -> int:
     return user + nice + system + irq + softirq + steal
 
 
+def _tree_ticks(processes: dict[int, tuple[int, int]], roots: list[int]) -> int:
+    """CPU ticks of ``roots`` and all their descendants (reaped ones included)."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in processes.items():
+        children.setdefault(parent, []).append(pid)
+    total, stack, seen = 0, [pid for pid in roots if pid in processes], set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += processes[pid][1]
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def _own_ticks() -> int:
+    """CPU ticks of this process alone, without its children."""
+    fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def child_named(name: str) -> int | None:
+    """The pid of this process's child whose command is ``name``, if there is one."""
+    me = os.getpid()
+    for pid, (parent, _) in _processes().items():
+        if parent == me:
+            with contextlib.suppress(OSError):
+                if (Path("/proc") / str(pid) / "comm").read_text().strip() == name:
+                    return pid
+    return None
+
+
 class CpuMeter:
     """How much of the machine's CPU processes outside the benchmark used since it was made.
 
@@ -91,19 +124,7 @@ class CpuMeter:
         self._own = self._own_ticks()
 
     def _own_ticks(self) -> int:
-        processes = _processes()
-        children: dict[int, list[int]] = {}
-        for pid, (parent, _) in processes.items():
-            children.setdefault(parent, []).append(pid)
-        total, stack, seen = 0, [pid for pid in self._roots if pid in processes], set()
-        while stack:
-            pid = stack.pop()
-            if pid in seen:
-                continue
-            seen.add(pid)
-            total += processes[pid][1]
-            stack.extend(children.get(pid, []))
-        return total
+        return _tree_ticks(_processes(), self._roots)
 
     def foreign_share(self) -> float:
         """The share of all cores' time used by other processes (0 = a quiet machine)."""
@@ -111,6 +132,32 @@ class CpuMeter:
         capacity = elapsed * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
         foreign = (_busy_ticks() - self._busy) - (self._own_ticks() - self._own)
         return max(0.0, foreign / capacity) if capacity > 0 else 0.0
+
+
+class RoleCpu:
+    """CPU seconds each part of a figure used since this was made: each role is the process
+    trees of its root pids; ``bench`` is this process alone (its children are roles of their
+    own or ``other``); ``other`` is the rest of the machine's busy time."""
+
+    def __init__(self, roles: dict[str, list[int]]) -> None:
+        self._roles = roles
+        self._start = self._ticks()
+
+    def _ticks(self) -> dict[str, int]:
+        processes = _processes()
+        ticks = {role: _tree_ticks(processes, roots) for role, roots in self._roles.items()}
+        ticks["bench"] = _own_ticks()
+        ticks["machine"] = _busy_ticks()
+        return ticks
+
+    def seconds(self) -> dict[str, float]:
+        """CPU seconds by role (and ``other``) since this was made."""
+        now = self._ticks()
+        per_second = os.sysconf("SC_CLK_TCK")
+        used = {role: (now[role] - self._start[role]) / per_second for role in now}
+        machine = used.pop("machine")
+        used["other"] = max(0.0, machine - sum(used.values()))
+        return used
 
 
 class Servers:
@@ -163,6 +210,19 @@ class Servers:
                 postmaster = self._pg.pid()
                 if postmaster is not None:
                     pids.append(postmaster)
+        return pids
+
+    def server_pids(self) -> dict[str, list[int]]:
+        """The embedded servers' root pids by name (none for a server given by URL)."""
+        pids: dict[str, list[int]] = {}
+        if self._pg is not None:
+            postmaster = self._pg.pid()
+            if postmaster is not None:
+                pids["postgres"] = [postmaster]
+        if self._nats is not None:
+            nats = child_named("nats-server")
+            if nats is not None:
+                pids["nats-server"] = [nats]
         return pids
 
     def cpu_meter(self) -> CpuMeter:

@@ -105,7 +105,7 @@ def install_routes(
             return response
 
         def immediate_response(self) -> Response:
-            return self.bytes(b"", content_type=_JSON, headers=_DATA_HEADERS)
+            return self.order(b"")
 
         def immediate_body(self, uid: str) -> bytes | None:
             started = perf_counter()
@@ -118,7 +118,7 @@ def install_routes(
             payload = view.get(uid)
             if payload is not None:
                 # Only uids that passed validation are in the view: no need to check first.
-                return self.bytes(payload, content_type=_JSON, headers=_DATA_HEADERS)
+                return self.order(payload)
             if not is_valid_uid(uid):
                 return _error(
                     self, 400, "malformed order_uid: expected 1 to 64 letters, digits, '_' or '-'"
@@ -128,6 +128,10 @@ def install_routes(
                 # Not known yet is not the same as not there: ask the client to come back.
                 return _error(self, 503, "the service is still loading orders; try again shortly")
             return _error(self, 404, f"order {uid} not found")
+
+        def order(self, payload: bytes) -> Response:
+            """The 200 answer carrying ``payload``."""
+            return self.bytes(payload, content_type=_JSON, headers=_DATA_HEADERS)
 
     app.page("/orders/{uid}", name="order")(OrderPage)
 
