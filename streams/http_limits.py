@@ -1,4 +1,5 @@
-"""What the HTTP port allows a client, the same whichever web driver serves it.
+"""What the HTTP port allows a client, and the headers of the server's own refusals, the same
+whichever web driver serves it.
 
 The sizes are aiohttp's own defaults, written down so that the fast driver refuses exactly what
 the aiohttp driver refuses; the timeout is the service's (aiohttp's default was an hour).
@@ -22,3 +23,10 @@ MAX_HEADERS: Final = 128
 MAX_BODY_SIZE: Final = 1024**2
 # How long a stopping server lets answers already under way finish before it cuts them.
 SHUTDOWN_GRACE_S: Final = 10.0
+# The server's own answers (no route, no such method, refusals, failures) are data too:
+# nothing in them may be run, sniffed or framed, as for every answer of the service's views.
+REFUSAL_HEADERS: Final = {
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}

@@ -47,6 +47,7 @@ from streams.http_limits import (
     MAX_FIELD_SIZE,
     MAX_HEADERS,
     MAX_LINE_SIZE,
+    REFUSAL_HEADERS,
     SHUTDOWN_GRACE_S,
 )
 from streams.http_message import Request, Response, ResponseHeads, http_date
@@ -64,13 +65,6 @@ MAX_HEAD_SIZE: Final = MAX_LINE_SIZE + MAX_HEADERS * (MAX_FIELD_SIZE + 4) + 4
 # Requests read ahead of their answer on one connection; past this the connection stops
 # reading until the answers catch up.
 PIPELINE_DEPTH: Final = 64
-# The server's own answers (refusals, failures) are data too: nothing in them may be run,
-# sniffed or framed, as for every answer of the service's views.
-REFUSAL_HEADERS: Final = {
-    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
 _VERSIONS: Final = ("1.1", "1.0")
 # RFC 3986's unreserved characters: a path segment of these alone is the same once decoded.
 _UNRESERVED: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"

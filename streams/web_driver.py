@@ -7,17 +7,26 @@ so the driver skips that setup and installs CORS only when options are given.
 
 Faust's runner takes aiohttp's defaults, under which a connection that never finishes its
 request head (a slowloris client) or idles between requests stays open for an hour.
+
+aiohttp's own answers (404 for no route, 405 for no such method) get the headers the service
+gives its refusals on either driver; a view's answer keeps the ones it set.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from aiohttp.web import AppRunner
+from aiohttp.web import AppRunner, Request, StreamResponse
 from faust.types import AppT
 from faust.web.drivers import aiohttp as aiohttp_driver
 
-from streams.http_limits import KEEPALIVE_TIMEOUT_S, MAX_FIELD_SIZE, MAX_HEADERS, MAX_LINE_SIZE
+from streams.http_limits import (
+    KEEPALIVE_TIMEOUT_S,
+    MAX_FIELD_SIZE,
+    MAX_HEADERS,
+    MAX_LINE_SIZE,
+    REFUSAL_HEADERS,
+)
 
 
 class Web(aiohttp_driver.Web):
@@ -39,6 +48,7 @@ class Web(aiohttp_driver.Web):
             max_field_size=MAX_FIELD_SIZE,
             max_headers=MAX_HEADERS,
         )
+        self.web_app.on_response_prepare.append(_with_refusal_headers)
 
     async def on_start(self) -> None:
         if self.cors_options:
@@ -50,3 +60,9 @@ class Web(aiohttp_driver.Web):
         )
         self._thread = server(self, loop=self.loop, beacon=self.beacon)
         self.add_dependency(self._thread)
+
+
+async def _with_refusal_headers(request: Request, response: StreamResponse) -> None:
+    # Every view of the service sets all three; aiohttp's own refusals set none.
+    for name, value in REFUSAL_HEADERS.items():
+        response.headers.setdefault(name, value)
