@@ -337,7 +337,8 @@ How the view holds ten million orders (views/view.py, streams/snapshots.py):
   made with a 16 KB dictionary trained on the log's own first orders (5,000, or the first
   snapshot page if smaller). The bench's orders (about 1,155 bytes of jsonb text) become frames
   of about 65 bytes; the publisher's generated orders (about 1,050 bytes, more varied) about
-  150. Decompressing one takes 1–2 µs, on every GET: the read rate above includes it.
+  150. Decompressing one of the latter takes about 0.6 µs, on every GET: the read rate
+  below includes it.
 - **Per-order overhead.** What remains per order is Python's: the uid `str` (73 bytes), the
   frame's `bytes` header (33 bytes), the dict slot (about 42 bytes) and 8 bytes of a packed
   seq array. An arena (one buffer per page, a dict uid → int offset) was weighed and left: an
@@ -362,13 +363,15 @@ How the view holds ten million orders (views/view.py, streams/snapshots.py):
   match, a page forged with right digests and counts, two writers with dictionaries of their
   own writing at once, a page write cut short, a worker SIGKILLed while writing pages.
 - **The cold start** (no pages yet: the first start on an existing log, or after the log was
-  changed) is slower than before pages: every order is compressed on the way in (about 5 µs).
-- **Reads fall short of 0.9.** The service answers 0.76–0.85 of what the bare server does at
-  1M–10M orders (0.81–0.87 in a rerun of 1M alone at load 1.0); the read figure above, taken
-  before compression at 100k orders, is 0.96 (0.90–0.97). Decompressing one takes 0.37 µs
-  (measured alone), against a gap of about 9 µs a request at 10M, so decompression alone does
-  not explain it; the cause is not found yet. The next step is to profile the worker under wrk
-  (`python -m bench.profile`) and to run the same read figure on the commit before compression.
+  changed) reads the whole log and compresses every order on the way in (about 2 µs an
+  order); the pages it then writes serve every later start.
+- **Reads.** The default web driver (streams/fast_web.py) answers a GET of an order the view
+  holds without a request or response object (about 2.9 µs of Python a request, measured in
+  process, of which the dict look-up and decompressing take 0.9 µs); at every size it serves
+  more than three times what the bare aiohttp server does with the same uncompressed bytes.
+  The rate falls a few per cent from 100,000 to 10,000,000 orders, likely as the dict outgrows
+  the CPU's caches. On Faust's aiohttp driver (`ORDERS_WEB_DRIVER=aiohttp`) the same figure
+  was 0.76–0.85 of bare aiohttp in an earlier run of this bench (at load 1.2–4.4).
 - **What the checks cannot catch**: a page whose digests and counts agree with the log and
   whose wrong orders all escape the 16 spot checks. `replay --verify` never reads pages.
 """
