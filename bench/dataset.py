@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from typing import Any, Final
@@ -90,3 +91,31 @@ def uids(dsn: str) -> list[str]:
 def count_events(dsn: str) -> int:
     ((count,),) = query(dsn, "SELECT count(*) FROM orders_events")
     return int(count)
+
+
+async def wait_for_pages(dsn: str, expected: int, timeout_s: float) -> float:
+    """Seconds until ``orders_view_pages`` holds ``expected`` snapshot pages (a worker writes
+    them after its restore); RuntimeError after ``timeout_s``."""
+    started = time.perf_counter()
+    while True:
+        written = await asyncio.to_thread(_count_pages, dsn)
+        if written >= expected:
+            return time.perf_counter() - started
+        if time.perf_counter() - started > timeout_s:
+            raise RuntimeError(f"{written} snapshot pages of {expected} after {timeout_s:.0f} s")
+        await asyncio.sleep(0.5)
+
+
+def _count_pages(dsn: str) -> int:
+    with contextlib.closing(psycopg2.connect(dsn)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM orders_view_pages")
+        ((count,),) = cur.fetchall()
+    return int(count)
+
+
+def drop_pages(dsn: str) -> None:
+    """Remove the snapshot pages and their dictionary: the next start is a cold one, from the
+    log alone, as the first start on an existing log is."""
+    with contextlib.closing(psycopg2.connect(dsn)) as conn, conn.cursor() as cur:
+        cur.execute("TRUNCATE orders_view_pages, orders_view_dictionary")
+        conn.commit()

@@ -1,6 +1,8 @@
 """Boot replay and memory: events loaded straight into ``orders_events`` with SQL, then a worker
 timed from process start until /readyz answers 200, beside a bare aiopg script that reads the
 same rows in keyset pages of the service's size (with the store's own ``READ_SQL`` statement).
+Each run starts cold (the snapshot pages dropped: the view from the log alone), waits for the
+pages that worker writes, then times a second worker, which starts from them.
 Memory: the worker's RSS with every order in the view minus its RSS on an empty database,
 beside the total size of the payloads as text."""
 
@@ -62,8 +64,11 @@ async def ceiling(dsn: str, page_size: int = PAGE_SIZE, *, keep: bool = False) -
     return elapsed, rows
 
 
-async def boot(ctx: Context, dsn: str, name: str, expected: int) -> dict[str, Any]:
-    """Start a worker on ``dsn``, wait until it is ready, let it settle and measure it."""
+async def boot(
+    ctx: Context, dsn: str, name: str, expected: int, *, pages: int = 0
+) -> dict[str, Any]:
+    """Start a worker on ``dsn``, wait until it is ready (and has written ``pages`` snapshot
+    pages), let it settle and measure it."""
     route = Route(ctx.servers.nats_url)
     data_dir = scratch_dir(name)
     env = {**route.env(dsn), **ctx.worker_env}
@@ -77,6 +82,8 @@ async def boot(ctx: Context, dsn: str, name: str, expected: int) -> dict[str, An
                 ctx.profiler.stop()
             if readyz["orders"] != expected:
                 raise RuntimeError(f"the view holds {readyz['orders']} orders, not {expected}")
+            if pages:
+                await dataset.wait_for_pages(dsn, pages, timeout_s=600.0)
             await asyncio.sleep(SETTLE_S)
             restored = _RESTORED.search(worker.log())
             status = worker.memory()
@@ -95,6 +102,7 @@ async def boot(ctx: Context, dsn: str, name: str, expected: int) -> dict[str, An
 
 async def run(ctx: Context) -> dict[str, Any]:
     count = ctx.sizes.replay_events
+    pages = count // Settings().snapshot_page_orders
     replay_runs: list[dict[str, Any]] = []
     memory_runs: list[dict[str, Any]] = []
     with (
@@ -111,11 +119,14 @@ async def run(ctx: Context) -> dict[str, Any]:
             if rows != count:
                 raise RuntimeError(f"the ceiling read {rows} rows, not {count}")
             keeping_s, _ = await ceiling(full, keep=True)
-            loaded = await boot(ctx, full, f"replay-{index + 1}", count)
+            await asyncio.to_thread(dataset.drop_pages, full)
+            loaded = await boot(ctx, full, f"replay-{index + 1}", count, pages=pages)
+            warm = await boot(ctx, full, f"pages-{index + 1}", count)
             bare = await boot(ctx, empty, f"empty-{index + 1}", 0)
             ctx.say(
                 f"replay run {index + 1}: ready in {loaded['ready_s']:.2f} s"
-                f" (restore {loaded['restore_s']:.2f} s), ceiling {ceiling_s:.2f} s;"
+                f" (restore {loaded['restore_s']:.2f} s), from pages {warm['ready_s']:.2f} s,"
+                f" ceiling {ceiling_s:.2f} s;"
                 f" RSS {loaded['rss'] / 2**20:.0f} MiB vs {bare['rss'] / 2**20:.0f} MiB empty"
             )
             load_after = load_average()
@@ -129,6 +140,8 @@ async def run(ctx: Context) -> dict[str, Any]:
                     "ratio": ceiling_s / loaded["ready_s"],
                     "keeping_s": keeping_s,
                     "restore_ratio": ceiling_s / loaded["restore_s"],
+                    "pages_ready_s": warm["ready_s"],
+                    "pages_ratio": ceiling_s / warm["ready_s"],
                     "load_before": load_before,
                     "load_after": load_after,
                     "foreign_cpu": foreign,

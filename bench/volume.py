@@ -27,7 +27,6 @@ import random
 import re
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -80,19 +79,6 @@ def free_disk(admin_url: str) -> tuple[int, str]:
     except psycopg2.Error:
         path = tempfile.gettempdir()
     return shutil.disk_usage(path).free, str(path)
-
-
-async def _wait_for_pages(dsn: str, expected: int) -> float:
-    started = time.perf_counter()
-    while True:
-        ((written,),) = await asyncio.to_thread(
-            query, dsn, "SELECT count(*) FROM orders_view_pages"
-        )
-        if written >= expected:
-            return time.perf_counter() - started
-        if time.perf_counter() - started > TIMEOUT_S:
-            raise RuntimeError(f"{written} snapshot pages of {expected} after {TIMEOUT_S:.0f} s")
-        await asyncio.sleep(0.5)
 
 
 async def _values_match(dsn: str, base: str, count: int) -> int:
@@ -159,7 +145,9 @@ async def measure(
             async with running_worker(data_dir / "cold", env, cpus=SERVER_CPU) as cold:
                 await ready(cold, timeout=TIMEOUT_S)
                 result["cold_ready_s"] = cold.ready_at - cold.started_at
-                result["pages_written_s"] = await _wait_for_pages(dsn, count // page_orders)
+                result["pages_written_s"] = await dataset.wait_for_pages(
+                    dsn, count // page_orders, TIMEOUT_S
+                )
                 result["cold_rss"] = cold.memory()["VmRSS"]
             print(f"{count:,}: cold start {result['cold_ready_s']:.1f} s", flush=True)
             ((pages_bytes, log_bytes),) = query(
