@@ -60,6 +60,7 @@ bench-smoke: install  ## every benchmark with tiny sizes, 1 run each: the script
 	$(BIN)/python -m bench --smoke $(BENCH_ARGS)
 	$(BIN)/python -m bench.scale --smoke --output "$$(mktemp)"
 	$(BIN)/python -m bench.volume --smoke --output "$$(mktemp)"
+	$(BIN)/python -m bench.request_cost --requests 2000
 
 # Not in CI: 100k, 1M, 3M and 10M orders (~1 hour; the 10M database, ~17 GB, is dropped at the
 # end). The curves go to docs/volume.png and the table into docs/benchmarks.md.
