@@ -142,7 +142,11 @@ class Web(base.Web):
                 and "GET" in handler.get_methods()
             ):
                 head = handler.immediate_response()
-                assert isinstance(head, Response)
+                if not isinstance(head, Response):
+                    raise TypeError(
+                        f"{pattern}: immediate_response() must be made by the view's own"
+                        f" response methods (self.bytes, self.json...), not {type(head)!r}"
+                    )
                 self.server.answer_immediately(prefix, head, handler.immediate_body)
         else:
             self.router.add(pattern, {"GET", "HEAD"}, handler)
