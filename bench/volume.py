@@ -354,7 +354,7 @@ How the view holds ten million orders (views/view.py, streams/snapshots.py):
   changed) reads the whole log and compresses every order on the way in (about 2 µs an
   order); the pages it then writes serve every later start.
 - **Reads.** The default web driver (streams/fast_web.py) answers a GET of an order the view
-  holds without a request or response object (about 2.9 µs of Python a request, measured in
+  holds without a request or response object (about 3 µs of Python a request, measured in
   process, of which the dict look-up and decompressing take 0.9 µs); at every size it serves
   more than three times what the bare aiohttp server does with the same uncompressed bytes.
   The rate falls a few per cent from 100,000 to 10,000,000 orders, likely as the dict outgrows

@@ -399,21 +399,13 @@ class HttpConnection(asyncio.Protocol):
         self.url = b""
         self.raw_headers.clear()  # never handed to a request: nobody else holds it
         self.connection_field = False
-        closes = not keep_alive or self.close_after_answer
-        if closes:
-            connection = b"Connection: close\r\n"
-        else:
-            connection = b"" if version == "1.1" else b"Connection: keep-alive\r\n"
-        server = self.server
-        self.transport.write(  # type: ignore[union-attr]
-            b"%sContent-Length: %d\r\n%s%s\r\n%s"
-            % (self.immediate_head, len(body), server.date, connection, body)
+        self._write(
+            self.immediate_head,
+            len(body),
+            body,
+            keep_alive and not self.close_after_answer,
+            version,
         )
-        if closes:
-            self.closing = True
-            self._close_when_done()
-        else:
-            self.waiting_since = server.now
         return True
 
     def _stop_parsing(self, status: int, message: str) -> None:
@@ -486,27 +478,34 @@ class HttpConnection(asyncio.Protocol):
             response = _INTERNAL_ERROR
             head = self.heads.head(response)
         keep_alive = request.keep_alive and not self.close_after_answer and not self.closing
+        body = response._body
+        if response._status in _NO_BODY_STATUSES or response._status < 200:
+            self._write(head, None, b"", keep_alive, request.version)
+        elif request.method == "HEAD":
+            self._write(head, len(body), b"", keep_alive, request.version)
+        else:
+            self._write(head, len(body), body, keep_alive, request.version)
+
+    def _write(
+        self, head: bytes, length: int | None, body: bytes, keep_alive: bool, version: str
+    ) -> None:
+        """Write one answer: ``head``, ``Content-Length: length`` (none when None), ``Date``,
+        the Connection field ``keep_alive`` and ``version`` call for, and ``body``; the
+        connection closes after it unless kept alive."""
         if not keep_alive:
             connection = b"Connection: close\r\n"
-        elif request.version == "1.1":
+        elif version == "1.1":
             connection = b""
         else:
             connection = b"Connection: keep-alive\r\n"
-        body = response._body
-        if response._status in _NO_BODY_STATUSES or response._status < 200:
-            data = b"%s%s%s\r\n" % (head, self.server.date, connection)
-        elif request.method == "HEAD":
-            data = b"%sContent-Length: %d\r\n%s%s\r\n" % (
-                head,
-                len(body),
-                self.server.date,
-                connection,
-            )
+        server = self.server
+        if length is None:
+            data = b"%s%s%s\r\n" % (head, server.date, connection)
         else:
             data = b"%sContent-Length: %d\r\n%s%s\r\n%s" % (
                 head,
-                len(body),
-                self.server.date,
+                length,
+                server.date,
                 connection,
                 body,
             )
@@ -518,7 +517,7 @@ class HttpConnection(asyncio.Protocol):
             self.queue.clear()
             self._close_when_done()
         elif not self.busy and not self.queue:
-            self.waiting_since = self.server.now
+            self.waiting_since = server.now
 
     def _close_when_done(self) -> None:
         """Close once what is written is sent (at once if nothing is owed any more)."""
