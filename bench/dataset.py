@@ -98,19 +98,14 @@ async def wait_for_pages(dsn: str, expected: int, timeout_s: float) -> float:
     them after its restore); RuntimeError after ``timeout_s``."""
     started = time.perf_counter()
     while True:
-        written = await asyncio.to_thread(_count_pages, dsn)
+        ((written,),) = await asyncio.to_thread(
+            query, dsn, "SELECT count(*) FROM orders_view_pages"
+        )
         if written >= expected:
             return time.perf_counter() - started
         if time.perf_counter() - started > timeout_s:
             raise RuntimeError(f"{written} snapshot pages of {expected} after {timeout_s:.0f} s")
         await asyncio.sleep(0.5)
-
-
-def _count_pages(dsn: str) -> int:
-    with contextlib.closing(psycopg2.connect(dsn)) as conn, conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM orders_view_pages")
-        ((count,),) = cur.fetchall()
-    return int(count)
 
 
 def drop_pages(dsn: str) -> None:

@@ -24,6 +24,7 @@ import uvloop
 from bench.bare_protocol_server import BareProtocol, _Clock
 from streams.app import create_app
 from streams.config import Settings
+from streams.events import Event
 from streams.fast_web import Web
 from streams.http_protocol import HttpConnection
 from tests.orders import orders
@@ -60,13 +61,6 @@ class _KeepLast:
     def close(self) -> None: ...
 
 
-class _Projected:
-    __slots__ = ("order_uid", "payload", "seq")
-
-    def __init__(self, seq: int, order_uid: str, payload: bytes) -> None:
-        self.seq, self.order_uid, self.payload = seq, order_uid, payload
-
-
 Feed = tuple[Callable[[bytes], None], _KeepLast]
 
 
@@ -78,7 +72,7 @@ def _service(batch_orders: list[tuple[str, bytes]]) -> Feed:
     assert isinstance(web, Web), "the fast driver is the default"
     web.init_server()
     view = app.runtime.view
-    view.project(_Projected(seq, uid, data) for seq, (uid, data) in enumerate(batch_orders, 1))
+    view.project(Event(seq, uid, data) for seq, (uid, data) in enumerate(batch_orders, 1))
     connection = HttpConnection(web.server)
     transport = _KeepLast()
     connection.connection_made(transport)  # type: ignore[arg-type]
